@@ -1,0 +1,270 @@
+"""Typed configuration: one pydantic model per stage, one YAML file per run.
+
+A run config is a YAML mapping with a section per stage (`model`, `generate`,
+`train`, `eval`, `serve`, `retrieval`, `pipeline`). Defaults match the paper's
+reference settings where it names them. Unknown keys and bad values fail before
+any work starts, naming the key. `key=value` overrides use dotted paths
+(`generate.target=40`) and YAML values (`eval.shots=[0,3]`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names it."""
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(StageConfig):
+    """Which model and engine every stage uses."""
+
+    ref: str = "embedded:smollm2-135m-instruct"
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # chat: wrap prompts in the model's chat template; plain: raw completion text.
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
+    max_batch_size: int = Field(64, ge=1)
+    num_threads: int | None = Field(None, ge=1)
+    # vLLM engine arguments (GPU only).
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int = Field(4096, ge=128)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_loras: int = Field(8, ge=1)
+    max_lora_rank: int = Field(64, ge=1)
+
+
+class ContaminationConfig(StageConfig):
+    tasks: list[str] = []
+    n: int = Field(13, ge=1)
+    remove: bool = False
+
+
+class GenerateConfig(StageConfig):
+    """Self-specialization data generation (paper section 3 and appendix)."""
+
+    seeds: list[str] = ["seeds/biomedical.yaml"]
+    domain: str | None = None  # the seed file's domain when unset
+    target: int = Field(40, ge=1)
+    num_demos: int = Field(3, ge=1)
+    prompts_per_round: int | None = Field(None, ge=1)
+    max_rounds: int = Field(20, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.98, gt=0, le=1)
+    instruction_max_new_tokens: int = Field(200, ge=8)
+    instructions_per_prompt: int = Field(1, ge=1)
+    response_demos: int = Field(5, ge=0)
+    response_max_new_tokens: int = Field(200, ge=8)
+    rouge_threshold: float = Field(0.7, gt=0, le=1)
+    min_words: int = Field(4, ge=1)
+    max_words: int = Field(150, ge=1)
+    blacklist: list[str] = [
+        "image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
+        "map", "maps", "draw", "plot", "go to", "video", "audio", "music",
+        "flowchart", "diagram", "photo", "sketch",
+    ]
+    adapter: str | None = None  # iterative rounds: generate with a trained adapter
+    replicas: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    num_cpus_per_replica: float = Field(1, gt=0)
+    num_gpus_per_replica: float = Field(0, ge=0)
+    seed: int = 0
+    contamination: ContaminationConfig = ContaminationConfig()
+
+    @model_validator(mode="after")
+    def _word_limits(self) -> "GenerateConfig":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) exceeds max_words ({self.max_words})")
+        return self
+
+
+class TrainConfig(StageConfig):
+    """LoRA fine-tuning; defaults are the paper's reference settings."""
+
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    lr: float = Field(3e-4, gt=0)
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(512, ge=16)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    template: Literal["auto", "chat", "alpaca"] = "auto"
+    packing: bool = False
+    qlora: bool = False
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    checkpoint_every: int = Field(50, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    seed: int = 0
+
+
+class EvalConfig(StageConfig):
+    """Base vs specialized evaluation on task directories."""
+
+    tasks: list[str] = ["builtin:biomedical", "builtin:finance"]
+    shots: list[int] = [0]
+    scoring: Literal["loglik", "generate"] = "loglik"
+    max_examples: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    bootstrap: int = Field(1000, ge=0)
+    batch_size: int = Field(8, ge=1)
+    replicas: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class ServeConfig(StageConfig):
+    """OpenAI-compatible multi-adapter endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = None
+    adapter_dirs: list[str] = ["runs/*/adapters"]
+    max_adapters_per_replica: int = Field(8, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1)
+    num_replicas: int | Literal["auto"] = 1
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    num_cpus_per_replica: float = Field(1, gt=0)
+    num_gpus_per_replica: float = Field(0, ge=0)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_batch_size: int = Field(16, ge=1)
+
+
+class RetrievalConfig(StageConfig):
+    """Optional grounding of generation prompts in domain passages."""
+
+    enabled: bool = False
+    corpus: str | None = None  # JSONL, Parquet or a directory; builtin:DOMAIN
+    method: Literal["bm25", "dense", "hybrid"] = "bm25"
+    encoder: str = "embedded:all-minilm-l6-v2"
+    index_type: Literal["flat", "ivf", "hnsw"] = "flat"
+    chunk_tokens: int = Field(200, ge=16)
+    chunk_overlap: int = Field(32, ge=0)
+    top_k: int = Field(2, ge=1)
+    passage_as_input: bool = False
+    replicas: int = Field(1, ge=1)
+
+
+class PipelineConfig(StageConfig):
+    """What `selfspec run` chains, and how many self-specialization rounds."""
+
+    stages: list[Literal["generate", "train", "eval"]] = ["generate", "train", "eval"]
+    rounds: int = Field(1, ge=1)
+
+
+class RunConfig(StageConfig):
+    """The whole run: a name, a run directory root and one section per stage."""
+
+    name: str = "default"
+    runs_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    generate: GenerateConfig = GenerateConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none), for resume checks."""
+        data = self.model_dump(mode="json")
+        picked = {k: data[k] for k in (sections or data)}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["generate.target=40", "name=x"]` -> nested dict with YAML-parsed values."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        else:
+            lines.append(f"bad value for '{key}': {item['msg']} (got {item.get('input')!r})")
+    return f"{source}: " + "; ".join(lines)
+
+
+def find_config(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a config shipped in selfspec/configs."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a shipped config ({known})")
+
+
+def load_config(name_or_path: str | None = "default", overrides: list[str] = ()) -> RunConfig:
+    """Load a run config from YAML (or defaults when None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if name_or_path:
+        path = find_config(name_or_path)
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config must be a YAML mapping")
+    if overrides:
+        data = _merge(data, parse_overrides(list(overrides)))
+        source += " + overrides"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,132 @@
+"""One model interface for every stage; configuration picks the engine.
+
+`load_backend(ModelConfig)` returns a `ModelBackend`: the transformers engine on
+CPU and small GPUs, vLLM on GPUs. Engines are imported lazily so that importing
+selfspec never pulls torch or vllm.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+from selfspec.models.resolve import ModelNotFoundError, resolve_model
+
+Message = dict[str, str]
+Prompt = Union[str, list[Message]]
+AdapterSpec = Union[None, str, Sequence[Union[str, None]]]
+
+BASE_ADAPTER = "__base__"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Greedy when temperature is 0; `n` completions per prompt."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass
+class ModelBackend(ABC):
+    """A loaded model that generates and scores text, optionally through LoRA adapters.
+
+    `adapters` is one adapter name for the whole batch, None for the base model,
+    or one entry per prompt (mixed-adapter batches).
+    """
+
+    model_ref: str
+    chat: bool
+    adapter_paths: dict[str, str] = field(default_factory=dict)
+
+    @abstractmethod
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams, adapters: AdapterSpec = None
+    ) -> list[list[Completion]]:
+        """Return `params.n` completions for each prompt, in prompt order."""
+
+    @abstractmethod
+    def loglikelihood(
+        self, requests: Sequence[tuple[Prompt, str]], adapters: AdapterSpec = None
+    ) -> list[float]:
+        """Sum of log-probabilities of each continuation given its context."""
+
+    @abstractmethod
+    def load_adapter(self, name: str, path: str) -> None:
+        """Make a PEFT adapter directory available under `name`."""
+
+    @abstractmethod
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Number of tokens the rendered prompt takes."""
+
+    def unload_adapter(self, name: str) -> None:
+        self.adapter_paths.pop(name, None)
+
+    def per_prompt_adapters(self, adapters: AdapterSpec, count: int) -> list[str | None]:
+        if adapters is None or isinstance(adapters, str):
+            names = [adapters] * count
+        else:
+            names = list(adapters)
+            if len(names) != count:
+                raise ValueError(f"got {len(names)} adapter names for {count} prompts")
+        for name in names:
+            if name is not None and name not in self.adapter_paths:
+                raise KeyError(f"adapter '{name}' is not loaded")
+        return names
+
+
+def cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pick_backend(requested: str) -> str:
+    """`auto` is vllm only where a GPU and vllm both exist."""
+    if requested != "auto":
+        return requested
+    if cuda_available() and importlib.util.find_spec("vllm") is not None:
+        return "vllm"
+    return "transformers"
+
+
+def load_backend(config, adapters: dict[str, str] | None = None) -> ModelBackend:
+    """Build the engine named by a `ModelConfig` and load the given adapters."""
+    engine = pick_backend(config.backend)
+    if engine == "vllm":
+        from selfspec.models.vllm_backend import VLLMBackend as Engine
+    else:
+        from selfspec.models.hf_backend import TransformersBackend as Engine
+    backend = Engine.from_config(config)
+    for name, path in (adapters or {}).items():
+        backend.load_adapter(name, path)
+    return backend
+
+
+__all__ = [
+    "BASE_ADAPTER",
+    "Completion",
+    "ModelBackend",
+    "ModelNotFoundError",
+    "Prompt",
+    "SamplingParams",
+    "load_backend",
+    "pick_backend",
+    "resolve_model",
+]

@@ -1,0 +1,257 @@
+"""The transformers engine: batched generation and scoring on CPU or a small GPU.
+
+Requests are sorted by length and cut into batches (less padding), left-padded,
+and decoded with the KV cache. Adapters are PEFT LoRA adapters on one shared
+base; a batch may mix adapters (`adapter_names`), which PEFT applies row by row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from selfspec.models import (
+    BASE_ADAPTER,
+    AdapterSpec,
+    Completion,
+    ModelBackend,
+    Prompt,
+    SamplingParams,
+)
+from selfspec.models.resolve import resolve_model
+
+PLAIN_ROLES = {"system": "### System:", "user": "### Instruction:", "assistant": "### Response:"}
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX makes bf16 matmuls several times faster than fp32 on CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def render_plain(messages: list[dict[str, str]]) -> str:
+    """Alpaca-style text for models without a chat template (pretrained bases)."""
+    parts = [f"{PLAIN_ROLES.get(m['role'], '### ' + m['role'].title() + ':')}\n{m['content']}" for m in messages]
+    return "\n\n".join(parts) + "\n\n### Response:\n"
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+@dataclass
+class TransformersBackend(ModelBackend):
+    model: Any = None
+    tokenizer: Any = None
+    device: str = "cpu"
+    max_batch_size: int = 64
+    _peft: bool = field(default=False, repr=False)
+
+    @classmethod
+    def from_config(cls, config) -> "TransformersBackend":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        path = resolve_model(config.ref)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(config.dtype, device))
+        model.to(device).eval()
+        chat = config.prompt_format == "chat" or (
+            config.prompt_format == "auto" and bool(tokenizer.chat_template)
+        )
+        return cls(
+            model_ref=config.ref,
+            chat=chat,
+            model=model,
+            tokenizer=tokenizer,
+            device=device,
+            max_batch_size=config.max_batch_size,
+        )
+
+    # -- prompts -------------------------------------------------------------
+    def render(self, prompt: Prompt) -> str:
+        """Plain strings pass through; message lists get the chat or plain template."""
+        if isinstance(prompt, str):
+            return prompt
+        if self.chat:
+            return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return render_plain(prompt)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        return len(self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"])
+
+    # -- adapters ------------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if name in self.adapter_paths:
+            return
+        if not self._peft:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self._peft = True
+        else:
+            self.model.load_adapter(path, adapter_name=name)
+        self.model.eval()
+        self.adapter_paths[name] = path
+
+    def unload_adapter(self, name: str) -> None:
+        if name in self.adapter_paths:
+            self.model.delete_adapter(name)
+            super().unload_adapter(name)
+
+    def _adapter_kwargs(self, names: list[str | None]) -> dict[str, Any]:
+        # With PEFT, always pass adapter_names: a plain call after a mixed batch fails.
+        if not self._peft:
+            return {}
+        return {"adapter_names": [n or BASE_ADAPTER for n in names]}
+
+    # -- generation ----------------------------------------------------------
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams, adapters: AdapterSpec = None
+    ) -> list[list[Completion]]:
+        names = self.per_prompt_adapters(adapters, len(prompts))
+        texts = [self.render(p) for p in prompts]
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        # One row per completion; longest first so batches hold similar lengths.
+        rows = [(i, k) for i in range(len(texts)) for k in range(params.n)]
+        rows.sort(key=lambda row: -lengths[row[0]])
+        results: list[list[Completion | None]] = [[None] * params.n for _ in texts]
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start : start + self.max_batch_size]
+            outputs = self._generate_batch(
+                [texts[i] for i, _ in chunk],
+                [names[i] for i, _ in chunk],
+                params,
+                None if params.seed is None else params.seed + start,
+            )
+            for (i, k), out in zip(chunk, outputs):
+                results[i][k] = out
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(
+        self, texts: list[str], names: list[str | None], params: SamplingParams, seed: int | None
+    ) -> list[Completion]:
+        batch = self._encode(texts)
+        sample = params.temperature > 0
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sample,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        if sample:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = self.model.generate(**batch, **kwargs, **self._adapter_kwargs(names))
+        prompt_len = batch["input_ids"].shape[1]
+        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+        eos = self.tokenizer.eos_token_id
+        completions = []
+        for row, n_prompt in zip(out[:, prompt_len:].tolist(), prompt_tokens):
+            hit_eos = eos in row
+            ids = row[: row.index(eos) + 1] if hit_eos else row
+            text, hit_stop = cut_at_stop(
+                self.tokenizer.decode(ids, skip_special_tokens=True), params.stop
+            )
+            completions.append(
+                Completion(
+                    text=text,
+                    prompt_tokens=int(n_prompt),
+                    completion_tokens=len(ids),
+                    finish_reason="stop" if hit_eos or hit_stop else "length",
+                )
+            )
+        return completions
+
+    # -- scoring -------------------------------------------------------------
+    @torch.inference_mode()
+    def loglikelihood(
+        self, requests: Sequence[tuple[Prompt, str]], adapters: AdapterSpec = None
+    ) -> list[float]:
+        names = self.per_prompt_adapters(adapters, len(requests))
+        encoded = []
+        for context, continuation in requests:
+            ctx = self.render(context)
+            # Trailing spaces belong to the continuation (as lm-evaluation-harness does).
+            stripped = ctx.rstrip(" ")
+            continuation = ctx[len(stripped) :] + continuation
+            ctx_ids = self.tokenizer(stripped, add_special_tokens=False)["input_ids"]
+            cont_ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            encoded.append((ctx_ids, cont_ids))
+        order = sorted(range(len(encoded)), key=lambda i: -sum(map(len, encoded[i])))
+        scores = [0.0] * len(encoded)
+        for start in range(0, len(order), self.max_batch_size):
+            idx = order[start : start + self.max_batch_size]
+            batch_scores = self._score_batch([encoded[i] for i in idx], [names[i] for i in idx])
+            for i, score in zip(idx, batch_scores):
+                scores[i] = score
+        return scores
+
+    def _score_batch(
+        self, pairs: list[tuple[list[int], list[int]]], names: list[str | None]
+    ) -> list[float]:
+        seqs = [(ctx + cont)[:-1] for ctx, cont in pairs]
+        width = max(map(len, seqs))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        # Left padding: positions must count real tokens only.
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        keep = max(len(cont) for _, cont in pairs)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            logits_to_keep=keep,
+            **self._adapter_kwargs(names),
+        ).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        scores = []
+        for row, (_, cont) in enumerate(pairs):
+            target = torch.tensor(cont, device=self.device)
+            picked = logprobs[row, keep - len(cont) :].gather(1, target[:, None])
+            scores.append(float(picked.sum()))
+        return scores
+
+    @property
+    def num_parameters(self) -> int:
+        base = self.model.get_base_model() if self._peft else self.model
+        return sum(p.numel() for p in base.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
