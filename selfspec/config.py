@@ -129,6 +129,12 @@ class EvalConfig(StageConfig):
     batch_size: int = Field(8, ge=1)
     replicas: int = Field(1, ge=1)
     seed: int = 0
+    # k-shot demonstrations: the task's dev/train split, the domain's seeds, or split else seeds.
+    demos: Literal["auto", "split", "seeds"] = "auto"
+    numeric_rel_tol: float = Field(0.01, ge=0)
+    # Each model actor's share; torch uses this many threads (2 on a 2-core machine).
+    num_cpus_per_replica: float = Field(2, gt=0)
+    num_gpus_per_replica: float = Field(0, ge=0)
 
 
 class ServeConfig(StageConfig):

@@ -113,7 +113,8 @@ def _normalize(path: Path, line: int, item: Any, index: int, prefix: str) -> See
             raise SeedError(
                 f"{path}:{line}: unknown field '{key}' (fields: id, task, instruction, input, output)"
             )
-        fields[name] = value
+        # YAML 1.1 reads bare yes/no as booleans; people mean the words.
+        fields[name] = ("yes" if value else "no") if isinstance(value, bool) else value
     for required in ("instruction", "output"):
         value = fields.get(required)
         if value is None:

@@ -1,0 +1,344 @@
+"""`selfspec generate`: rounds of instruction generation, dedup and response generation.
+
+Each round: build prompts from sampled seeds -> the model writes new tasks (Ray
+Data over model replicas) -> parse and filter -> global ROUGE-L dedup on the
+driver -> the model answers the kept tasks -> filter -> one Parquet shard and a
+manifest entry, written atomically. A rerun reads the manifest and continues
+with the next round, so finished rounds are never regenerated.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+from selfspec.config import ConfigError, RunConfig, dump_config
+from selfspec.dedup import RougeDeduper
+from selfspec.execution import map_with_model
+from selfspec.io import (
+    RunDir,
+    atomic_write_text,
+    exists,
+    read_json,
+    read_parquet,
+    run_dir_for,
+    write_json,
+    write_jsonl,
+    write_parquet,
+)
+from selfspec.models import SamplingParams
+from selfspec.schema import Example, content_id, example_schema, to_alpaca, to_messages
+from selfspec.seeds import SeedSet, find_seed_file, load_seeds
+from selfspec.stages.generate_instructions import instruction_drop_reason, make_prompt_rows, parse_tasks
+from selfspec.stages.generate_responses import RESPONSE_STOPS, clean_response, response_drop_reason, response_rows
+
+ADAPTER_NAME = "specialized"
+
+
+# -- batch functions run inside model replicas (picklable, pure over rows) ----------
+def write_instructions(backend, rows: list[dict[str, Any]], params: SamplingParams, adapter: str | None) -> list[dict[str, Any]]:
+    seed = None if params.seed is None else params.seed + sum(map(ord, rows[0]["prompt_id"]))
+    completions = backend.generate([r["prompt"] for r in rows], replace(params, seed=seed), adapters=adapter)
+    return [
+        {**row, "completion": c[0].text, "finish_reason": c[0].finish_reason, "completion_tokens": c[0].completion_tokens}
+        for row, c in zip(rows, completions)
+    ]
+
+
+def write_responses(backend, rows: list[dict[str, Any]], params: SamplingParams, adapter: str | None) -> list[dict[str, Any]]:
+    completions = backend.generate([r["messages"] for r in rows], params, adapters=adapter)
+    out = []
+    for row, c in zip(rows, completions):
+        row = {k: v for k, v in row.items() if k != "messages"}
+        out.append({**row, "output": clean_response(c[0].text), "finish_reason": c[0].finish_reason, "completion_tokens": c[0].completion_tokens})
+    return out
+
+
+# -- seeds and run state ------------------------------------------------------------
+def load_seed_sets(config: RunConfig) -> list[SeedSet]:
+    return [load_seeds(find_seed_file(path)) for path in config.generate.seeds]
+
+
+def generation_hash(config: RunConfig) -> str:
+    return config.section_hash("model", "generate", "retrieval")
+
+
+def read_manifest(run_dir: RunDir, config_hash: str, overwrite: bool) -> dict[str, Any]:
+    path = run_dir.path("data", "manifest.json")
+    if exists(path):
+        manifest = read_json(path)
+        if manifest["config_hash"] == config_hash:
+            return manifest
+        if not overwrite:
+            raise ConfigError(
+                f"{path}: the run holds data generated with another config "
+                f"(hash {manifest['config_hash']}, now {config_hash}); "
+                "use a new run name (name=...) or pass --overwrite"
+            )
+    return {"config_hash": config_hash, "shards": []}
+
+
+class Progress:
+    """A tqdm bar per stage and round; quiet when tqdm is missing or disabled."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="row", leave=False)
+
+    def __call__(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _map(rows, fn, config: RunConfig, executor: str, adapters, desc: str):
+    bar = Progress(len(rows), desc)
+    try:
+        return map_with_model(
+            rows,
+            fn,
+            config.model,
+            executor=executor,
+            replicas=config.generate.replicas,
+            batch_size=config.generate.batch_size,
+            num_cpus=config.generate.num_cpus_per_replica,
+            num_gpus=config.generate.num_gpus_per_replica,
+            adapters=adapters,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+
+
+# -- one round ---------------------------------------------------------------------
+def run_round(
+    config: RunConfig,
+    seeds: SeedSet,
+    round: int,
+    num_prompts: int,
+    dedup: RougeDeduper,
+    executor: str,
+    config_hash: str,
+    retriever=None,
+) -> dict[str, Any]:
+    """Generate, filter and answer one round; returns the shard's rows and counts."""
+    gen = config.generate
+    adapter = ADAPTER_NAME if gen.adapter else None
+    adapters = {ADAPTER_NAME: gen.adapter} if gen.adapter else None
+    started = time.perf_counter()
+    prompts = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, num_prompts, gen.num_demos, gen.seed, round)
+    if retriever is not None:
+        prompts = retriever.ground(prompts, seeds)
+    # Stop where the model would start the task after the ones we keep.
+    next_number = gen.num_demos + gen.instructions_per_prompt + 1
+    params = SamplingParams(
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        max_new_tokens=gen.instruction_max_new_tokens,
+        stop=(f"\n{next_number}.", f"\n{next_number} ."),
+        seed=gen.seed,
+    )
+    raw = _map(prompts, functools.partial(write_instructions, params=params, adapter=adapter), config, executor, adapters, f"round {round}: instructions")
+    raw.sort(key=lambda r: r["prompt_id"])
+    drops: Counter[str] = Counter()
+    candidates = []
+    for row in raw:
+        items = parse_tasks(row["completion"], row["finish_reason"] == "length")
+        for item in items[: gen.instructions_per_prompt]:
+            reason = item["error"] or instruction_drop_reason(
+                item["instruction"], item["input"], gen.min_words, gen.max_words, gen.blacklist
+            )
+            if reason:
+                drops[reason] += 1
+                continue
+            candidates.append(
+                {
+                    "id": content_id(item["instruction"], item["input"]),
+                    "instruction": item["instruction"],
+                    "input": item["input"],
+                    "domain": seeds.domain,
+                    "seed_ids": list(row["seed_ids"]),
+                    "passage_ids": list(row["passage_ids"]),
+                    "model": config.model.ref,
+                    "adapter": gen.adapter or "",
+                    "round": round,
+                    "config_hash": config_hash,
+                }
+            )
+    raw_count = len(candidates) + sum(drops.values())
+    kept = [c for c, (keep, _) in zip(candidates, dedup.filter([c["instruction"] for c in candidates])) if keep]
+    drops["near_duplicate"] += len(candidates) - len(kept)
+    instruction_tokens = sum(r["completion_tokens"] for r in raw)
+
+    response_params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
+    answered = _map(
+        response_rows(kept, seeds.seeds, gen.response_demos),
+        functools.partial(write_responses, params=response_params, adapter=adapter),
+        config, executor, adapters, f"round {round}: responses",
+    )
+    response_drops: Counter[str] = Counter()
+    examples: list[Example] = []
+    nodes = sorted({r.get("node_id", "local") for r in raw + answered})
+    for row in sorted(answered, key=lambda r: r["id"]):
+        reason = response_drop_reason(row["output"], row["finish_reason"])
+        if reason:
+            response_drops[reason] += 1
+            continue
+        examples.append(Example(**{k: row[k] for k in example_schema().names}))
+    return {
+        "examples": examples,
+        "counts": {"prompts": len(prompts), "raw_instructions": raw_count, "kept_instructions": len(kept), "examples": len(examples)},
+        "drops": {"instruction": dict(drops), "response": dict(response_drops)},
+        "tokens": instruction_tokens + sum(r["completion_tokens"] for r in answered),
+        "seconds": time.perf_counter() - started,
+        "node_ids": nodes,
+    }
+
+
+def prompts_for_round(gen, remaining: int, shards: list[dict[str, Any]]) -> int:
+    """Enough prompts for the remaining examples at the yield seen so far."""
+    if gen.prompts_per_round:
+        return gen.prompts_per_round
+    prompts = sum(s["counts"]["prompts"] for s in shards)
+    made = sum(s["counts"]["examples"] for s in shards)
+    expected_yield = max(made / prompts, 0.1) if prompts else 0.5
+    need = math.ceil(remaining / expected_yield * 1.1)
+    return max(gen.batch_size * gen.replicas, min(need, 8 * max(remaining, 1)))
+
+
+# -- the stage ---------------------------------------------------------------------
+def run_generate(
+    config: RunConfig,
+    run_dir: RunDir | None = None,
+    *,
+    executor: str = "ray",
+    overwrite: bool = False,
+    target: int | None = None,
+) -> dict[str, Any]:
+    """Generate until `target` examples exist; resume from the manifest. Returns the summary."""
+    run_dir = run_dir or run_dir_for(config)
+    gen = config.generate
+    target = target or gen.target
+    seed_sets = load_seed_sets(config)
+    seeds = seed_sets[0]
+    if len(seed_sets) > 1:
+        seeds = SeedSet(seeds.path, gen.domain or seeds.domain, seeds.description, [s for ss in seed_sets for s in ss.seeds])
+    elif gen.domain:
+        seeds = SeedSet(seeds.path, gen.domain, seeds.description, seeds.seeds)
+    config_hash = generation_hash(config)
+    data = functools.partial(run_dir.path, "data")
+    manifest = read_manifest(run_dir, config_hash, overwrite)
+    atomic_write_text(run_dir.path("config.yaml"), dump_config(config))
+
+    dedup = RougeDeduper(gen.rouge_threshold)
+    dedup.add([s["instruction"] for s in seeds.seeds])
+    done: list[Example] = []
+    for shard in manifest["shards"]:
+        rows = read_parquet(data(shard["file"]))
+        dedup.add([r["instruction"] for r in rows])
+        done.extend(rows)
+    resumed = len(manifest["shards"])
+
+    retriever = None
+    if config.retrieval.enabled:
+        from selfspec.stages.retrieve import PromptGrounder
+
+        retriever = PromptGrounder.from_config(config, run_dir)
+
+    round = len(manifest["shards"]) + 1
+    while len(done) < target:
+        if round > gen.max_rounds:
+            print(f"stopped after generate.max_rounds={gen.max_rounds} rounds with {len(done)}/{target} examples")
+            break
+        num_prompts = prompts_for_round(gen, target - len(done), manifest["shards"])
+        result = run_round(config, seeds, round, num_prompts, dedup, executor, config_hash, retriever)
+        shard_file = f"shards/round-{round:04d}.parquet"
+        examples = result.pop("examples")
+        write_parquet(data(shard_file), examples, schema=example_schema())
+        done.extend(examples)
+        manifest["shards"].append({"round": round, "file": shard_file, **result})
+        write_json(data("manifest.json"), manifest)
+        print(
+            f"round {round}: {result['counts']['prompts']} prompts -> {result['counts']['kept_instructions']} "
+            f"instructions -> {result['counts']['examples']} examples ({len(done)}/{target}, {result['seconds']:.0f}s)"
+        )
+        round += 1
+
+    final = done[:target]
+    report = None
+    if gen.contamination.tasks:
+        from selfspec.contamination import check_contamination
+
+        report, flagged = check_contamination(final, gen.contamination.tasks, gen.contamination.n)
+        if gen.contamination.remove:
+            final = [e for e in final if e["id"] not in flagged]
+        write_json(data("contamination.json"), report)
+    write_parquet(data("examples.parquet"), final, schema=example_schema())
+    write_jsonl(data("alpaca.jsonl"), (to_alpaca(e) for e in final))
+    write_jsonl(data("chat.jsonl"), (to_messages(e) for e in final))
+    summary = summarize(manifest, final, resumed, report)
+    write_json(data("summary.json"), summary)
+    return summary
+
+
+def summarize(manifest: dict[str, Any], final: list[Example], resumed: int, contamination) -> dict[str, Any]:
+    counts: Counter[str] = Counter()
+    drops: dict[str, Counter[str]] = {"instruction": Counter(), "response": Counter()}
+    tokens = seconds = 0.0
+    nodes: set[str] = set()
+    for shard in manifest["shards"]:
+        counts.update(shard["counts"])
+        for stage in drops:
+            drops[stage].update(shard["drops"][stage])
+        tokens += shard["tokens"]
+        seconds += shard["seconds"]
+        nodes.update(shard.get("node_ids", []))
+    return {
+        "counts": {**counts, "final_examples": len(final)},
+        "drops": {k: dict(v) for k, v in drops.items()},
+        "rounds": len(manifest["shards"]),
+        "rounds_resumed": resumed,
+        "tokens": int(tokens),
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "node_ids": sorted(nodes),
+        "contamination": None if contamination is None else {k: v for k, v in contamination.items() if k != "flagged_ids"},
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    c = summary["counts"]
+    lines = [
+        f"prompts {c.get('prompts', 0)} -> parsed tasks {c.get('raw_instructions', 0)} -> kept instructions "
+        f"{c.get('kept_instructions', 0)} -> examples {c.get('examples', 0)} (final {c['final_examples']})",
+        f"rounds {summary['rounds']} (resumed {summary['rounds_resumed']}), {summary['tokens']} tokens, "
+        f"{summary['tokens_per_s']} tokens/s",
+    ]
+    for stage, reasons in summary["drops"].items():
+        if reasons:
+            lines.append(f"{stage} drops: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])))
+    if summary.get("contamination"):
+        lines.append(f"contamination: {summary['contamination']['examples_flagged']} examples flagged")
+    return "\n".join(lines)
+
+
+def cli(config: RunConfig, args) -> int:
+    from selfspec.runtime import init_ray
+
+    run_dir = run_dir_for(config)
+    executor = init_ray()
+    if args.preview:
+        from selfspec.stages.preview import preview
+
+        preview(config, run_dir, args.preview, executor)
+        return 0
+    summary = run_generate(config, run_dir, executor=executor, overwrite=args.overwrite)
+    print(format_summary(summary))
+    print(f"data: {run_dir.path('data', 'examples.parquet')}")
+    return 0

@@ -1,0 +1,121 @@
+"""Instruction generation: the base model writes new domain tasks from sampled seeds.
+
+Pure functions over rows: build a prompt in the paper's style (a domain
+description, a few numbered seed tasks, an open slot for the next one), parse
+the model's numbered continuation into (instruction, input) items, and filter
+each item with a named reason for every drop.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+from selfspec.schema import Seed
+
+NO_INPUT = "<noinput>"
+
+PROMPT_HEADER = (
+    "{description}\n"
+    "Below is a list of diverse tasks in this domain for a {domain} language model. "
+    "Each task has an instruction and, when the instruction needs one, an input "
+    "(a passage, sentence, table or question) written out in full; otherwise the input is "
+    "\"{no_input}\". Every task can be done with text alone. Continue the list with new "
+    "tasks that differ from the ones above in wording and in kind.\n\n"
+)
+
+ITEM_SPLIT = re.compile(r"\n\s*(?:\d+\s*[.)]\s*)?Instruction\s*:", re.IGNORECASE)
+INPUT_SPLIT = re.compile(r"\n\s*Input\s*:", re.IGNORECASE)
+OUTPUT_SPLIT = re.compile(r"\n\s*(?:Output|Response|Answer)\s*:", re.IGNORECASE)
+
+
+def format_task(number: int, instruction: str, input: str) -> str:
+    return f"{number}. Instruction: {instruction}\nInput: {input or NO_INPUT}\n"
+
+
+def sample_demos(seeds: list[Seed], k: int, rng: random.Random) -> list[Seed]:
+    return rng.sample(seeds, min(k, len(seeds)))
+
+
+def build_prompt(domain: str, description: str, demos: list[Seed], passages: list[str] = ()) -> str:
+    """A plain completion prompt that ends where the model writes the next instruction."""
+    text = PROMPT_HEADER.format(description=description, domain=domain, no_input=NO_INPUT)
+    if passages:
+        text += "Domain knowledge to ground the new tasks:\n"
+        text += "".join(f"[{i + 1}] {p}\n" for i, p in enumerate(passages)) + "\n"
+    for number, seed in enumerate(demos, start=1):
+        text += format_task(number, seed["instruction"], seed["input"]) + "\n"
+    return text + f"{len(demos) + 1}. Instruction:"
+
+
+def make_prompt_rows(
+    seeds: list[Seed], domain: str, description: str, count: int, num_demos: int, seed: int, round: int
+) -> list[dict[str, Any]]:
+    """Deterministic prompts for one round: the same (seed, round) gives the same rows."""
+    rows = []
+    for index in range(count):
+        rng = random.Random(f"{seed}:{round}:{index}")
+        demos = sample_demos(seeds, num_demos, rng)
+        rows.append(
+            {
+                "prompt_id": f"r{round}-p{index}",
+                "prompt": build_prompt(domain, description, demos),
+                "seed_ids": [d["id"] for d in demos],
+                "passage_ids": [],
+            }
+        )
+    return rows
+
+
+def parse_tasks(completion: str, truncated: bool) -> list[dict[str, Any]]:
+    """Split the continuation of "N. Instruction:" into items.
+
+    Returns dicts with instruction, input and `error` (None, "unparseable" or
+    "truncated": the last item of a completion cut by the token limit).
+    """
+    pieces = ITEM_SPLIT.split("\n" + completion.lstrip(" "))
+    items = []
+    for position, piece in enumerate(p for p in pieces if p.strip()):
+        body = OUTPUT_SPLIT.split(piece)[0]
+        parts = INPUT_SPLIT.split(body, maxsplit=1)
+        instruction = parts[0]
+        input = parts[1] if len(parts) > 1 else ""
+        # A following numbered item without "Instruction:" ends this one.
+        input = re.split(r"\n\s*\d+\s*[.)]\s", input)[0]
+        instruction, input = " ".join(instruction.split()), input.strip()
+        if input.strip('"').lower() in {NO_INPUT, "none", "n/a", "", "noinput"}:
+            input = ""
+        error = None
+        if not instruction:
+            error = "unparseable"
+        items.append({"instruction": instruction, "input": input, "error": error, "position": position})
+    if truncated and items:
+        items[-1]["error"] = "truncated"
+    if not items:
+        items.append({"instruction": "", "input": "", "error": "unparseable", "position": 0})
+    return items
+
+
+def _blacklist_pattern(words: list[str]) -> re.Pattern:
+    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+
+
+def instruction_drop_reason(
+    instruction: str, input: str, min_words: int, max_words: int, blacklist: list[str]
+) -> str | None:
+    """Why a parsed task is unusable, or None to keep it (the ROUGE-L check comes later)."""
+    words = instruction.split()
+    if len(words) < min_words:
+        return "too_short"
+    if len(words) + len(input.split()) > max_words:
+        return "too_long"
+    if blacklist and _blacklist_pattern(blacklist).search(instruction):
+        return "blacklisted"
+    if not instruction[0].isascii() or not instruction[0].isalnum():
+        return "unusable"  # starts with punctuation or a non-ASCII symbol
+    if instruction.lower().startswith(("write a program", "write a code", "write a script")):
+        return "unusable"
+    if input and " ".join(input.split()).lower() == instruction.lower():
+        return "unusable"  # the input only repeats the instruction
+    return None

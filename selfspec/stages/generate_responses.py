@@ -1,0 +1,70 @@
+"""Response generation: the same model answers each kept instruction, guided by seed demos.
+
+Prompts are chat message lists (seed demos as earlier user/assistant turns), so
+an instruction-tuned model gets its chat template and a pretrained base gets the
+plain Alpaca-style template. Decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+from selfspec.schema import Seed, user_message
+
+# Plain-template models continue with the next "### Instruction:" block; stop there.
+RESPONSE_STOPS = ("### Instruction:", "### Response:", "\n\n\n\n")
+
+
+def build_response_messages(instruction: str, input: str, demos: list[Seed]) -> list[dict[str, str]]:
+    messages: list[dict[str, str]] = []
+    for demo in demos:
+        messages.append({"role": "user", "content": user_message(demo["instruction"], demo["input"])})
+        messages.append({"role": "assistant", "content": demo["output"]})
+    messages.append({"role": "user", "content": user_message(instruction, input)})
+    return messages
+
+
+def response_demos(seeds: list[Seed], k: int, key: str) -> list[Seed]:
+    """k seed demos chosen deterministically per instruction id."""
+    return random.Random(key).sample(seeds, min(k, len(seeds))) if k else []
+
+
+def is_degenerate(text: str) -> bool:
+    """Loops and babble: a word 4-gram repeated many times, or few distinct words."""
+    words = text.lower().split()
+    if len(words) < 8:
+        return False
+    grams = [" ".join(words[i : i + 4]) for i in range(len(words) - 3)]
+    most_common = max(grams.count(g) for g in set(grams))
+    if most_common >= 4 and most_common * 4 > len(words) * 0.3:
+        return True
+    return len(set(words)) / len(words) < 0.25
+
+
+def response_drop_reason(text: str, finish_reason: str) -> str | None:
+    if not text.strip() or not re.search(r"\w", text):
+        return "empty_response"
+    if finish_reason == "length":
+        return "truncated_response"
+    if is_degenerate(text):
+        return "degenerate_response"
+    return None
+
+
+def clean_response(text: str) -> str:
+    return text.strip()
+
+
+def response_rows(instructions: list[dict[str, Any]], seeds: list[Seed], k: int) -> list[dict[str, Any]]:
+    """Attach the response prompt (messages) to each instruction row."""
+    return [
+        {
+            **row,
+            "messages": build_response_messages(
+                row["instruction"], row["input"], response_demos(seeds, k, row["id"])
+            ),
+        }
+        for row in instructions
+    ]

@@ -1,0 +1,64 @@
+"""Typed config: YAML files, overrides, and clear errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from selfspec.config import CONFIG_DIR, ConfigError, RunConfig, dump_config, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(str(path))
+    assert isinstance(config, RunConfig)
+
+
+def test_overrides_parse_yaml_values():
+    tree = parse_overrides(["generate.target=12", "eval.shots=[0, 3]", "name=x", "model.num_threads=null"])
+    assert tree == {"generate": {"target": 12}, "eval": {"shots": [0, 3]}, "name": "x", "model": {"num_threads": None}}
+    config = load_config("default", ["generate.target=12", "eval.shots=[0,3]"])
+    assert config.generate.target == 12 and config.eval.shots == [0, 3]
+
+
+def test_unknown_key_is_rejected_with_its_name():
+    with pytest.raises(ConfigError, match="unknown config key 'generate.targte'"):
+        load_config("default", ["generate.targte=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        load_config("default", ["modle.ref=x"])
+
+
+def test_bad_value_is_rejected_with_its_name():
+    with pytest.raises(ConfigError, match="bad value for 'train.lr'"):
+        load_config("default", ["train.lr=-1"])
+    with pytest.raises(ConfigError, match="bad value for 'model.backend'"):
+        load_config("default", ["model.backend=tpu"])
+    with pytest.raises(ConfigError, match="min_words"):
+        load_config("default", ["generate.min_words=200"])
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("default", ["generate.target"])
+    with pytest.raises(ConfigError, match="neither a file nor a shipped config"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(bad))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config("default", ["generate.target=5"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(str(path)) == config
+
+
+def test_configs_are_frozen():
+    config = load_config("default")
+    with pytest.raises(Exception):
+        config.generate.target = 3  # type: ignore[misc]
