@@ -7,7 +7,6 @@ once to a safetensors directory in the user cache, keyed by the file's hash.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import os
@@ -15,6 +14,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from selfspec.io import file_digest
 
 
 class ModelNotFoundError(RuntimeError):
@@ -72,14 +73,6 @@ def embedded_gguf_path(name: str) -> Path:
     return ggufs[0]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF file once and save model and tokenizer as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,7 +105,7 @@ def resolve_model(ref: str) -> str:
     """
     if ref.startswith("embedded:"):
         gguf = embedded_gguf_path(ref.split(":", 1)[1])
-        target = cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+        target = cache_dir() / "models" / f"{gguf.stem}-{file_digest(gguf)}"
         if not (target / "config.json").exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             _convert_gguf(gguf, target)

@@ -1,0 +1,185 @@
+"""Data generation: parsing, filters, dedup, a real run on Ray Data, and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+
+from selfspec.config import load_config
+from selfspec.dedup import RougeDeduper, rouge_l, rouge_tokens
+from selfspec.io import RunDir, read_json, read_parquet
+from selfspec.stages.generate_instructions import build_prompt, instruction_drop_reason, parse_tasks
+from selfspec.stages.generate_responses import is_degenerate, response_drop_reason
+
+BLACKLIST = load_config("default").generate.blacklist
+
+
+def test_prompt_ends_in_an_open_numbered_slot():
+    demos = [{"id": "a", "task": "t", "instruction": "List the genes.", "input": "BRCA1 and TP53.", "output": "x"}]
+    prompt = build_prompt("biomedical", "Biomedicine.", demos)
+    assert prompt.startswith("Biomedicine.") and prompt.endswith("2. Instruction:")
+    assert "1. Instruction: List the genes.\nInput: BRCA1 and TP53." in prompt
+
+
+def test_parse_numbered_items_inputs_and_truncation():
+    text = " Name the drug class of metformin.\nInput: <noinput>\n\n5. Instruction: Classify the abstract.\nInput: Aspirin lowers risk.\nOutput: yes\n\n6. Instruction: Summarize the"
+    items = parse_tasks(text, truncated=True)
+    assert [i["instruction"] for i in items] == ["Name the drug class of metformin.", "Classify the abstract.", "Summarize the"]
+    assert [i["input"] for i in items[:2]] == ["", "Aspirin lowers risk."]
+    assert [i["error"] for i in items] == [None, None, "truncated"]
+    assert parse_tasks("   \n", truncated=False)[0]["error"] == "unparseable"
+
+
+@pytest.mark.parametrize(
+    "instruction, input, reason",
+    [
+        ("List genes.", "", "too_short"),
+        ("Describe the image of the tumour cells in detail please.", "", "blacklisted"),
+        ("Plot the dose response curve for the drug.", "", "blacklisted"),
+        ("Summarize " + "very " * 150 + "long text.", "", "too_long"),
+        ("- List every disease named in this sentence.", "", "unusable"),
+        ("Write a program that parses gene names.", "", "unusable"),
+        ("List every disease named in the sentence.", "Asthma and gout were present.", None),
+    ],
+)
+def test_instruction_filters_give_a_reason(instruction, input, reason):
+    assert instruction_drop_reason(instruction, input, 4, 150, BLACKLIST) == reason
+
+
+def test_response_filters():
+    assert response_drop_reason("", "stop") == "empty_response"
+    assert response_drop_reason("The answer is yes.", "length") == "truncated_response"
+    assert is_degenerate("the drug the drug the drug the drug the drug the drug the drug the drug")
+    assert response_drop_reason("Metformin is a biguanide that lowers hepatic glucose output.", "stop") is None
+
+
+def test_dedup_matches_brute_force_rouge_l():
+    import random
+
+    rng = random.Random(0)
+    words = "the a of gene drug dose patient list classify risk protein cancer answer entity".split()
+    texts = [" ".join(rng.choices(words, k=rng.randint(4, 12))) for _ in range(300)]
+    texts += [t + " now" for t in texts[:50]]
+    dedup = RougeDeduper(0.7)
+    got = [keep for keep, _ in dedup.filter(texts)]
+    kept: list[list[str]] = []
+    expected = []
+    for text in texts:
+        toks = rouge_tokens(text)
+        ok = all(rouge_l(k, toks) <= 0.7 for k in kept)
+        expected.append(ok)
+        if ok:
+            kept.append(toks)
+    assert got == expected
+    assert dedup.exact_comparisons < len(texts) * len(texts) / 20  # the bound prunes most pairs
+
+
+def tiny_config(tmp_path: Path, *extra: str):
+    return load_config(
+        "default",
+        [
+            f"runs_dir={tmp_path}",
+            "name=gen",
+            "generate.target=4",
+            "generate.prompts_per_round=6",
+            "generate.batch_size=6",
+            "generate.instruction_max_new_tokens=96",
+            "generate.response_max_new_tokens=96",
+            *extra,
+        ],
+    )
+
+
+def assert_no_near_duplicates(rows):
+    tokens = [rouge_tokens(r["instruction"]) for r in rows]
+    assert all(rouge_l(a, b) <= 0.7 for a, b in combinations(tokens, 2))
+
+
+def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_local):
+    from selfspec.stages.generate import run_generate
+
+    config = tiny_config(tmp_path)
+    summary = run_generate(config, RunDir(str(tmp_path / "gen")), executor="ray")
+    rows = read_parquet(tmp_path / "gen" / "data" / "examples.parquet")
+    assert len(rows) == 4 == summary["counts"]["final_examples"]
+    assert len({r["id"] for r in rows}) == 4
+    assert all(r["seed_ids"] and r["model"] == config.model.ref and r["round"] >= 1 for r in rows)
+    assert_no_near_duplicates(rows)
+    counts = summary["counts"]
+    drops = sum(summary["drops"]["instruction"].values())
+    assert counts["raw_instructions"] == counts["kept_instructions"] + drops
+    alpaca = [json.loads(line) for line in (tmp_path / "gen" / "data" / "alpaca.jsonl").read_text().splitlines()]
+    chat = [json.loads(line) for line in (tmp_path / "gen" / "data" / "chat.jsonl").read_text().splitlines()]
+    assert [a["instruction"] for a in alpaca] == [r["instruction"] for r in rows]
+    assert chat[0]["messages"][1] == {"role": "assistant", "content": rows[0]["output"]}
+    assert (tmp_path / "gen" / "config.yaml").exists()
+
+    # A rerun with the same config finds everything done and generates nothing.
+    again = run_generate(config, RunDir(str(tmp_path / "gen")), executor="local")
+    assert again["rounds_resumed"] == again["rounds"] == summary["rounds"]
+
+
+def test_changed_config_is_refused_without_overwrite(tmp_path):
+    from selfspec.config import ConfigError
+    from selfspec.stages.generate import read_manifest
+
+    run_dir = RunDir(str(tmp_path))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"config_hash": "aaa", "shards": [{"round": 1}]}))
+    with pytest.raises(ConfigError, match="another config"):
+        read_manifest(run_dir, "bbb", overwrite=False)
+    assert read_manifest(run_dir, "bbb", overwrite=True)["shards"] == []
+
+
+def test_contamination_check_flags_overlapping_examples(tmp_path):
+    from selfspec.contamination import check_contamination
+
+    task = tmp_path / "task"
+    task.mkdir()
+    passage = "metformin lowers hepatic glucose production and improves insulin sensitivity in patients with type two diabetes"
+    (task / "test.jsonl").write_text(json.dumps({"id": "t1", "input": passage, "output": "yes"}) + "\n")
+    examples = [
+        {"id": "e1", "instruction": "Answer the question.", "input": passage, "output": "yes"},
+        {"id": "e2", "instruction": "Name a gene.", "input": "", "output": "BRCA1"},
+    ]
+    report, flagged = check_contamination(examples, [str(tmp_path)], n=13)
+    assert flagged == {"e1"} and report["tasks"]["task"] == {"examples_flagged": 1, "task_items_matched": 1}
+
+
+def _shards(data: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((data / "shards").glob("*.parquet"))}
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_finishes_without_loss_or_duplicates(tmp_path):
+    args = [
+        sys.executable, "-m", "selfspec.cli", "generate", f"runs_dir={tmp_path}", "name=kill",
+        "generate.target=10", "generate.prompts_per_round=4", "generate.batch_size=4",
+        "generate.instruction_max_new_tokens=96", "generate.response_max_new_tokens=96",
+    ]
+    env = {**os.environ, "SELFSPEC_EXECUTOR": "local"}
+    data = tmp_path / "kill" / "data"
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(_shards(data)) < 1 and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, "generation finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _shards(data)
+    assert before and not (data / "examples.parquet").exists()
+    subprocess.run(args, env=env, check=True, capture_output=True, timeout=900)
+    after = _shards(data)
+    assert all(after[name] == mtime for name, mtime in before.items())  # finished shards kept as they were
+    rows = read_parquet(data / "examples.parquet")
+    assert len(rows) == 10 and len({r["id"] for r in rows}) == 10
+    summary = read_json(data / "summary.json")
+    assert summary["rounds_resumed"] == len(before)
