@@ -1,0 +1,129 @@
+"""Generation throughput of the selfspec backend vs the plain alternatives, in one run.
+
+Prints tokens/s of the transformers backend at several batch sizes, of a naive
+per-prompt fp32 `model.generate` loop, and of llama-cpp-python on the same GGUF
+when it is installed; the ratios; and the achieved GFLOP/s (2 x parameters x
+tokens/s) as a fraction of the torch matmul GFLOP/s in the backend's dtype,
+measured here in the same run.
+
+    python benchmarks/generation_throughput.py [--model embedded:smollm2-135m-instruct] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+
+import torch
+
+TOPICS = [
+    "insulin", "inflation", "a bond", "DNA", "GDP", "the heart", "a stock", "an antibody",
+    "interest rates", "a vaccine", "a balance sheet", "cholesterol", "a dividend", "an enzyme",
+    "a mutual fund", "blood pressure",
+]
+
+
+def prompts(n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"Explain {TOPICS[i % len(TOPICS)]} in two sentences."}] for i in range(n)]
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def backend_rate(backend, batch: int, new_tokens: int) -> tuple[float, str]:
+    from selfspec.models import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens)
+    backend.generate(prompts(min(batch, 4)), SamplingParams(max_new_tokens=4))  # warm up
+    start = time.perf_counter()
+    out = backend.generate(prompts(batch), params)
+    seconds = time.perf_counter() - start
+    return sum(c[0].completion_tokens for c in out) / seconds, out[0][0].text
+
+
+def naive_rate(path: str, count: int, new_tokens: int) -> float:
+    """What a user writes first: fp32, one prompt at a time, model.generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokens = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for messages in prompts(count):
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
+            tokens += out.shape[1] - ids["input_ids"].shape[1]
+    return tokens / (time.perf_counter() - start)
+
+
+def llama_cpp_rate(gguf: str, count: int, new_tokens: int) -> float | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_threads=torch.get_num_threads(), verbose=False, n_ctx=512)
+    tokens = 0
+    start = time.perf_counter()
+    for messages in prompts(count):
+        out = llm.create_chat_completion(messages=messages, max_tokens=new_tokens, temperature=0.0)
+        tokens += out["usage"]["completion_tokens"]
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batches", default="1,8,32,64,128")
+    parser.add_argument("--naive-prompts", type=int, default=4)
+    args = parser.parse_args()
+
+    from selfspec.config import ModelConfig
+    from selfspec.models import load_backend
+    from selfspec.models.resolve import embedded_gguf_path, resolve_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    backend = load_backend(ModelConfig(ref=args.model, backend="transformers", max_batch_size=256))
+    dtype = backend.dtype
+    params = backend.num_parameters
+    peak = matmul_gflops(dtype)
+    print(f"model {args.model}: {params / 1e6:.1f}M parameters, dtype {dtype}, {torch.get_num_threads()} threads")
+    print(f"torch matmul 2048x2048 in {dtype}: {peak:.0f} GFLOP/s")
+
+    rates: dict[int, float] = {}
+    sample = ""
+    for batch in [int(b) for b in args.batches.split(",")]:
+        rates[batch], text = backend_rate(backend, batch, args.new_tokens)
+        gflops = 2 * params * rates[batch] / 1e9
+        print(f"selfspec backend batch {batch:4d}: {rates[batch]:8.1f} tok/s  {gflops:6.1f} GFLOP/s  {gflops / peak:6.1%} of matmul")
+        sample = text
+    best = max(rates, key=rates.get)
+    print(f"best batch {best}: {rates[best]:.1f} tok/s; sample greedy output: {sample[:160]!r}")
+
+    naive = naive_rate(resolve_model(args.model), args.naive_prompts, args.new_tokens)
+    print(f"naive per-prompt fp32 model.generate: {naive:.1f} tok/s")
+    llama = None
+    if args.model.startswith("embedded:"):
+        llama = llama_cpp_rate(str(embedded_gguf_path(args.model.split(':', 1)[1])), args.naive_prompts, args.new_tokens)
+    print(f"llama-cpp-python single stream: {'not installed' if llama is None else f'{llama:.1f} tok/s'}")
+
+    print("ratios:")
+    print(f"  best batch / naive fp32 loop:     {rates[best] / naive:6.1f}x")
+    print(f"  batch 1 / naive fp32 loop:        {rates.get(1, float('nan')) / naive:6.1f}x")
+    if llama:
+        print(f"  best batch / llama-cpp-python:    {rates[best] / llama:6.1f}x")
+    print(f"  achieved / matmul GFLOP/s at best: {2 * params * rates[best] / 1e9 / peak:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
