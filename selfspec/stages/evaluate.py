@@ -1,0 +1,488 @@
+"""Evaluation: the base model and any number of adapters on domain tasks.
+
+The stage is `requests -> model replicas -> predictions -> metrics -> report`:
+- `build_requests` turns every (task, shot, example, model) into a prompt: chat
+  messages with k demonstrations (from the task's dev/train split or the domain's
+  seeds); the backend renders them with the chat template or a plain template.
+- `run_requests` is all the model work, on one backend holding the base and every
+  adapter (mixed-adapter batches): classification and multiple choice are scored
+  by log-likelihood of each label (as lm-evaluation-harness does) or by greedy
+  generation; entity lists, numbers and free text by greedy generation.
+- `prediction_record` parses each output (label, entity list, number, text) and
+  scores it; `task_metrics` computes every metric with a seeded bootstrap CI and
+  a paired CI for each model's difference from the base.
+Ray Data feeds request batches to model actors (`selfspec.execution.ModelWorker`,
+`eval.replicas` of them, each with `eval.num_cpus_per_replica` CPUs and as many torch
+threads), so the base model is loaded once per replica whatever the number of adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shlex
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from selfspec.config import ConfigError, RunConfig, dump_config
+from selfspec.io import RunDir, atomic_write_text, run_dir_for, write_json, write_jsonl
+from selfspec.metrics import (
+    bootstrap_weights,
+    example_score,
+    extract_entities,
+    extract_label,
+    metric_stats,
+    paired_difference,
+    parse_number,
+    score_with_ci,
+)
+from selfspec.schema import user_message
+from selfspec.tasks import Task, TaskError, load_tasks
+
+BASE = "base"
+# Plain-template turns start with "### "; chat models stop at their end-of-turn token.
+GENERATE_STOP = ("\n### ",)
+# A label answer needs a few tokens; more only lets a small model ramble.
+CHOICE_MAX_NEW_TOKENS = 16
+
+
+# -- models --------------------------------------------------------------------
+def resolve_models(models: list[str] | None, run_dir: RunDir) -> dict[str, str | None]:
+    """`["base", ADAPTER_DIR, ...]` -> {name: adapter dir or None for the base}.
+
+    An adapter's name is its directory's basename. With no list: the base and every
+    adapter directory under the run's `adapters/` (checkpoints excluded).
+    """
+    if not models:
+        try:
+            root = run_dir.local() / "adapters"
+        except ValueError:  # a remote run directory: name the adapters explicitly
+            root = None
+        found = []
+        if root is not None and root.is_dir():
+            found = sorted(
+                str(p.parent) for p in root.rglob("adapter_config.json") if "checkpoint" not in str(p)
+            )
+        models = [BASE, *found]
+    resolved: dict[str, str | None] = {}
+    for spec in models:
+        spec = spec.strip()
+        if spec == BASE:
+            name, path = BASE, None
+        else:
+            folder = Path(spec).expanduser()
+            if not (folder / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"{spec}: not a PEFT adapter directory (no adapter_config.json)")
+            name, path = folder.resolve().name, str(folder.resolve())
+        if name in resolved:
+            raise ConfigError(
+                f"two models named '{name}' in --models; adapter names are directory basenames, "
+                "so give the directories distinct names"
+            )
+        resolved[name] = path
+    return resolved
+
+
+# -- prompts -------------------------------------------------------------------
+def user_content(instruction: str, row: dict[str, Any], labels: tuple[str, ...] | None) -> str:
+    """The user turn: instruction and input as in training data, plus options when a
+    row's choices are its own (multiple choice) rather than the task's label set."""
+    text = user_message(instruction, row["input"])
+    choices = row.get("choices")
+    if choices and tuple(choices) != tuple(labels or ()):
+        text += "\n\nOptions:\n" + "\n".join(f"- {c}" for c in choices)
+    return text
+
+
+def build_messages(task: Task, row: dict[str, Any], demos: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Chat messages: one user/assistant pair per demo, then the example's user turn."""
+    messages = []
+    for demo in demos:
+        instruction = demo.get("instruction") or task.instruction
+        messages.append({"role": "user", "content": user_content(instruction, demo, task.labels)})
+        messages.append({"role": "assistant", "content": demo["output"]})
+    messages.append({"role": "user", "content": user_content(task.instruction, row, task.labels)})
+    return messages
+
+
+def seed_demo_pool(task: Task, seed_sets: list) -> list[dict[str, Any]]:
+    """Seeds of the task's domain that fit it: `seed_task` from task.yaml when set, else
+    the seed task type whose instructions are closest (ROUGE-L) to the task's, among
+    seeds whose answers lie in the label set."""
+    from selfspec.metrics import normalize_text, rouge_l
+
+    seeds = [dict(s) for seed_set in seed_sets if seed_set.domain == task.domain for s in seed_set.seeds]
+    if task.seed_task:
+        return [s for s in seeds if s["task"] == task.seed_task]
+    if task.labels:
+        labels = {normalize_text(label) for label in task.labels}
+        seeds = [s for s in seeds if normalize_text(s["output"]) in labels]
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for seed in seeds:
+        groups[seed["task"]].append(seed)
+    if not groups:
+        return []
+
+    def closeness(group: list[dict[str, Any]]) -> float:
+        return sum(rouge_l(s["instruction"], task.instruction) for s in group) / len(group)
+
+    return max(groups.values(), key=closeness)
+
+
+def demo_pool(task: Task, source: str, seed_sets: list) -> list[dict[str, Any]]:
+    if source in ("auto", "split") and task.demos:
+        return task.demos
+    if source == "split":
+        raise TaskError(f"{task.path}: eval.demos=split but the task has no dev.jsonl or train.jsonl")
+    pool = seed_demo_pool(task, seed_sets)
+    if not pool:
+        raise TaskError(
+            f"{task.path}: no few-shot demonstrations: no dev/train split and no seeds of domain "
+            f"'{task.domain}' in generate.seeds (set seed_task in task.yaml or use eval.shots=[0])"
+        )
+    return pool
+
+
+def pick_demos(pool: list[dict[str, Any]], k: int, row_id: str, seed: int) -> list[dict[str, Any]]:
+    """k demos for one example, seeded by the example id (the same for every model)."""
+    candidates = [d for d in pool if str(d.get("id")) != row_id]
+    rng = random.Random(f"{seed}:{row_id}")
+    return rng.sample(candidates, min(k, len(candidates)))
+
+
+def load_demo_seeds(config: RunConfig, domains: set[str]) -> list:
+    """Seed sets for few-shot demos: `generate.seeds`, plus `seeds/<domain>.yaml` for
+    task domains those do not cover."""
+    from selfspec.seeds import find_seed_file, load_seeds
+
+    seed_sets = [load_seeds(find_seed_file(path)) for path in config.generate.seeds]
+    for domain in sorted(domains - {s.domain for s in seed_sets}):
+        path = find_seed_file(f"seeds/{domain}.yaml")
+        if path.is_file():
+            seed_sets.append(load_seeds(path))
+    return seed_sets
+
+
+def build_requests(
+    tasks: list[Task], models: dict[str, str | None], config: RunConfig, seed_sets: list
+) -> list[dict[str, Any]]:
+    """Every (task, shot, example, model) as a JSON-able request, examples in file order."""
+    cfg = config.eval
+    requests = []
+    for task in tasks:
+        rows = task.test[: cfg.max_examples]
+        loglik = task.kind == "choice" and cfg.scoring == "loglik"
+        max_new = min(cfg.max_new_tokens, CHOICE_MAX_NEW_TOKENS) if task.kind == "choice" else cfg.max_new_tokens
+        for shot in cfg.shots:
+            pool = demo_pool(task, cfg.demos, seed_sets) if shot else []
+            for index, row in enumerate(rows):
+                messages = build_messages(task, row, pick_demos(pool, shot, row["id"], cfg.seed))
+                for model, path in models.items():
+                    requests.append(
+                        {
+                            "model": model,
+                            "adapter": None if path is None else model,
+                            "task": task.name,
+                            "shot": shot,
+                            "index": index,
+                            "messages": messages,
+                            "mode": "loglik" if loglik else "generate",
+                            "choices": task.choices(row) if loglik else None,
+                            "max_new_tokens": max_new,
+                        }
+                    )
+    return requests
+
+
+# -- model work ----------------------------------------------------------------
+def run_requests(backend, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Score or generate every request on one backend: `{"output", "logliks"}` each."""
+    from selfspec.models import SamplingParams
+
+    results: list[dict[str, Any]] = [{} for _ in requests]
+    scored = [i for i, r in enumerate(requests) if r["mode"] == "loglik"]
+    if scored:
+        pairs = [(i, c) for i in scored for c in requests[i]["choices"]]
+        values = backend.loglikelihood(
+            [(requests[i]["messages"], c) for i, c in pairs], adapters=[requests[i]["adapter"] for i, _ in pairs]
+        )
+        for (i, choice), value in zip(pairs, values):
+            results[i].setdefault("logliks", {})[choice] = value
+        for i in scored:
+            logliks = results[i]["logliks"]
+            results[i]["output"] = max(requests[i]["choices"], key=lambda c: logliks[c])
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, request in enumerate(requests):
+        if request["mode"] == "generate":
+            by_length[request["max_new_tokens"]].append(i)
+    for max_new, indices in by_length.items():
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop=GENERATE_STOP)
+        completions = backend.generate(
+            [requests[i]["messages"] for i in indices], params, adapters=[requests[i]["adapter"] for i in indices]
+        )
+        for i, completion in zip(indices, completions):
+            results[i] = {"output": completion[0].text, "logliks": None}
+    return results
+
+
+def run_request_batch(backend, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The model-actor step: rows carry JSON requests and get JSON results back.
+
+    JSON keeps Arrow from merging per-task label dicts and mixed-type fields into one
+    struct type between Ray Data stages.
+    """
+    results = run_requests(backend, [json.loads(row["request"]) for row in rows])
+    return [{"key": row["key"], "result": json.dumps(result)} for row, result in zip(rows, results)]
+
+
+def execute(
+    requests: list[dict[str, Any]], config: RunConfig, models: dict[str, str | None], executor: str = "ray"
+) -> list[dict[str, Any]]:
+    """Run requests on model replicas (Ray Data actors, or in-process with executor="local"),
+    each holding the base and every adapter; results come back in request order."""
+    from tqdm import tqdm
+
+    from selfspec.execution import map_with_model
+
+    cfg = config.eval
+    if executor == "ray":
+        from selfspec.runtime import quiet_ray_data
+
+        quiet_ray_data()
+    rows = [{"key": i, "request": json.dumps(r)} for i, r in enumerate(requests)]
+    with tqdm(total=len(rows), desc="eval", unit="request") as bar:
+        out = map_with_model(
+            rows,
+            run_request_batch,
+            config.model,
+            executor=executor,
+            replicas=cfg.replicas,
+            batch_size=cfg.batch_size,
+            num_cpus=cfg.num_cpus_per_replica,
+            num_gpus=cfg.num_gpus_per_replica,
+            adapters={name: path for name, path in models.items() if path is not None},
+            progress=bar.update,
+        )
+    results: list[dict[str, Any] | None] = [None] * len(requests)
+    for row in out:
+        results[row["key"]] = json.loads(row["result"])
+    missing = sum(r is None for r in results)
+    if missing:
+        raise RuntimeError(f"{missing} evaluation requests returned no result")
+    return results  # type: ignore[return-value]
+
+
+# -- parsing and scoring -------------------------------------------------------
+def parse_answer(task: Task, row: dict[str, Any], output: str, logliks: dict[str, float] | None) -> Any:
+    """The answer in the form its metrics compare: a label (or None), a sorted entity
+    list, a number (or None) or stripped text."""
+    if task.kind == "choice":
+        return output if logliks is not None else extract_label(output, task.choices(row))
+    if task.kind == "entities":
+        return extract_entities(output)
+    if task.kind == "numeric":
+        return parse_number(output)
+    return output.strip()
+
+
+def prediction_record(
+    task: Task, row: dict[str, Any], request: dict[str, Any], result: dict[str, Any], rel_tol: float
+) -> dict[str, Any]:
+    """One line of predictions/<model>/<task>.jsonl."""
+    parsed = parse_answer(task, row, result["output"], result.get("logliks"))
+    record = {
+        "id": row["id"],
+        "shot": request["shot"],
+        "prompt": request["messages"],
+        "output": result["output"],
+        "parsed": parsed,
+        "gold": row["output"],
+        "score": round(example_score(task.primary_metric, parsed, row["output"], rel_tol), 6),
+    }
+    if result.get("logliks") is not None:
+        record["logliks"] = result["logliks"]
+    return record
+
+
+def task_metrics(
+    task: Task,
+    records: dict[str, list[dict[str, Any]]],
+    reference: str,
+    bootstrap: int,
+    seed: int,
+    rel_tol: float,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Per model: `{"n", metric: {value, ci_low, ci_high}}`; per other model: the paired
+    difference from `reference`. All models share one set of bootstrap resamples."""
+    n = len(next(iter(records.values())))
+    weights = bootstrap_weights(n, bootstrap, seed) if bootstrap else None
+    stats = {
+        model: {
+            metric: metric_stats(metric, [r["parsed"] for r in rows], [r["gold"] for r in rows], rel_tol)
+            for metric in task.metrics
+        }
+        for model, rows in records.items()
+    }
+    scores = {
+        model: {"n": n, **{m: score_with_ci(m, s, weights) for m, s in by_metric.items()}}
+        for model, by_metric in stats.items()
+    }
+    deltas = {}
+    if reference in stats:
+        for model, by_metric in stats.items():
+            if model != reference:
+                deltas[model] = {
+                    m: paired_difference(m, s, stats[reference][m], weights) for m, s in by_metric.items()
+                }
+    return scores, deltas
+
+
+def domain_averages(tasks: list[Task], results: dict[str, Any], shots: list[int]) -> dict[str, Any]:
+    """Per model, domain and shot: the mean of each metric over the domain's tasks that
+    report it, and `primary`, the mean of each task's first metric."""
+    out: dict[str, Any] = {}
+    for model, by_task in results.items():
+        for domain in sorted({t.domain for t in tasks}):
+            members = [t for t in tasks if t.domain == domain]
+            for shot in map(str, shots):
+                entry: dict[str, Any] = {"tasks": len(members)}
+                entry["primary"] = round(
+                    sum(by_task[t.name][shot][t.primary_metric]["value"] for t in members) / len(members), 6
+                )
+                for metric in sorted({m for t in members for m in t.metrics}):
+                    values = [by_task[t.name][shot][metric]["value"] for t in members if metric in t.metrics]
+                    entry[metric] = round(sum(values) / len(values), 6)
+                out.setdefault(model, {}).setdefault(domain, {})[shot] = entry
+    return out
+
+
+def collect(
+    tasks: list[Task], models: dict[str, str | None], requests: list[dict[str, Any]],
+    results: list[dict[str, Any]], config: RunConfig,
+) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], dict[str, Any]]:
+    """Predictions per model and task, and the metrics document."""
+    cfg = config.eval
+    by_name = {t.name: t for t in tasks}
+    predictions: dict[str, dict[str, list[dict[str, Any]]]] = {m: {t.name: [] for t in tasks} for m in models}
+    for request, result in zip(requests, results):
+        task = by_name[request["task"]]
+        row = task.test[request["index"]]
+        predictions[request["model"]][task.name].append(
+            prediction_record(task, row, request, result, cfg.numeric_rel_tol)
+        )
+    reference = BASE if BASE in models else next(iter(models))
+    scores: dict[str, Any] = {m: {} for m in models}
+    deltas: dict[str, Any] = {m: {} for m in models if m != reference}
+    for task in tasks:
+        for shot in cfg.shots:
+            records = {m: [r for r in predictions[m][task.name] if r["shot"] == shot] for m in models}
+            task_scores, task_deltas = task_metrics(
+                task, records, reference, cfg.bootstrap, cfg.seed, cfg.numeric_rel_tol
+            )
+            for model, value in task_scores.items():
+                scores[model].setdefault(task.name, {})[str(shot)] = value
+            for model, value in task_deltas.items():
+                deltas[model].setdefault(task.name, {})[str(shot)] = value
+    metrics = {
+        "run": config.name,
+        "model_ref": config.model.ref,
+        "models": models,
+        "reference": reference,
+        "shots": cfg.shots,
+        "scoring": cfg.scoring,
+        "bootstrap": cfg.bootstrap,
+        "seed": cfg.seed,
+        "tasks": {
+            t.name: {
+                "domain": t.domain,
+                "path": t.path,
+                "kind": t.kind,
+                "metrics": list(t.metrics),
+                "n": len(t.test[: cfg.max_examples]),
+                "n_total": len(t.test),
+            }
+            for t in tasks
+        },
+        "results": scores,
+        "deltas": deltas,
+        "domains": domain_averages(tasks, scores, cfg.shots),
+    }
+    return predictions, metrics
+
+
+# -- the stage -----------------------------------------------------------------
+def run_eval(
+    config: RunConfig,
+    run_dir: RunDir,
+    tasks: list[str] | None = None,
+    models: list[str] | None = None,
+    out: str | None = None,
+    command: str | None = None,
+    executor: str = "ray",
+) -> dict[str, Any]:
+    """Evaluate the base and adapters on task directories; write the eval folder.
+
+    `tasks` are task specs (default `eval.tasks`), `models` are "base" and adapter
+    directories (default: base plus the run's adapters); `executor` is "ray" (Ray Data
+    model actors) or "local" (in-process). Writes, under `out` (default
+    `runs/<name>/eval/`): metrics.json, predictions/<model>/<task>.jsonl, results.md,
+    report.html and config.yaml. Returns the metrics document.
+    """
+    from selfspec.report import render_html, render_markdown
+
+    started = time.time()
+    task_list = load_tasks(list(tasks or config.eval.tasks))
+    model_paths = resolve_models(models, run_dir)
+    needs_seeds = any(config.eval.shots) and any(
+        config.eval.demos == "seeds" or not t.demos for t in task_list
+    )
+    seed_sets = load_demo_seeds(config, {t.domain for t in task_list}) if needs_seeds else []
+    requests = build_requests(task_list, model_paths, config, seed_sets)
+    results = execute(requests, config, model_paths, executor)
+    predictions, metrics = collect(task_list, model_paths, requests, results, config)
+    metrics["command"] = command
+    metrics["seconds"] = round(time.time() - started, 1)
+    metrics["requests"] = len(requests)
+
+    folder = RunDir(out) if out else RunDir(run_dir.eval)
+    for model, by_task in predictions.items():
+        for task_name, rows in by_task.items():
+            write_jsonl(folder.path("predictions", model, f"{task_name}.jsonl"), rows)
+    atomic_write_text(folder.path("config.yaml"), dump_config(config))
+    atomic_write_text(folder.path("results.md"), render_markdown(metrics))
+    atomic_write_text(folder.path("report.html"), render_html(metrics, predictions, run_dir))
+    # Written last: its presence marks a finished evaluation (the pipeline's ledger checks it).
+    write_json(folder.path("metrics.json"), metrics)
+    return metrics
+
+
+def cli(config: RunConfig, args) -> int:
+    """`selfspec eval [--tasks A,B] [--models base,DIR,...] [--out DIR]`."""
+    from selfspec.report import render_markdown
+    from selfspec.runtime import init_ray
+
+    def split(value: str | None) -> list[str] | None:
+        return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+    run_dir = run_dir_for(config)
+    tasks, models = split(args.tasks), split(args.models)
+    try:
+        # Bad task files or adapter paths fail here, before Ray starts.
+        load_tasks(list(tasks or config.eval.tasks))
+        resolve_models(models, run_dir)
+        executor = init_ray()
+        metrics = run_eval(
+            config, run_dir, tasks=tasks, models=models, out=args.out,
+            command=shlex.join(["selfspec", *sys.argv[1:]]), executor=executor,
+        )
+    except TaskError as exc:
+        print(f"selfspec eval: error: {exc}", file=sys.stderr)
+        return 2
+    folder = args.out or run_dir.eval
+    print(render_markdown(metrics))
+    print(f"report: {folder.rstrip('/')}/report.html (metrics.json, results.md, predictions/ beside it)")
+    return 0
+

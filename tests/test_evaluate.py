@@ -1,0 +1,316 @@
+"""Evaluation harness: task loading, metrics, scoring, the eval outputs and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from selfspec.metrics import (
+    bootstrap_weights,
+    extract_entities,
+    extract_label,
+    metric_stats,
+    metric_value,
+    paired_difference,
+    parse_number,
+    score_with_ci,
+)
+from selfspec.tasks import BUILTIN_TASKS, TaskError, load_task, load_tasks
+
+YESNO = [
+    ("q1", "Abstract: Aspirin lowered the rate of stroke by half in the trial.\nQuestion: Does aspirin lower stroke risk?", "yes"),
+    ("q2", "Abstract: Vitamin C did not change the duration of colds.\nQuestion: Does vitamin C shorten colds?", "no"),
+    ("q3", "Abstract: Results on sleep and memory were mixed.\nQuestion: Does sleep improve memory?", "maybe"),
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_task(folder: Path, rows: list[dict], meta: str | None = None, dev: list[dict] | None = None) -> Path:
+    write_jsonl(folder / "test.jsonl", rows)
+    if dev:
+        write_jsonl(folder / "dev.jsonl", dev)
+    if meta:
+        (folder / "task.yaml").write_text(meta)
+    return folder
+
+
+def yesno_task(folder: Path) -> Path:
+    rows = [{"id": i, "input": x, "output": y, "choices": ["yes", "no", "maybe"]} for i, x, y in YESNO]
+    dev = [{"id": "d1", "input": "Abstract: Smoking raised lung cancer risk tenfold.\nQuestion: Does smoking raise lung cancer risk?", "output": "yes"}]
+    meta = "name: yesno\ninstruction: Answer the research question with yes, no or maybe.\nmetric: [accuracy, macro_f1]\nlabels: [\"yes\", \"no\", maybe]\n"
+    return write_task(folder, rows, meta, dev)
+
+
+# -- tasks ---------------------------------------------------------------------
+def test_malformed_line_is_reported_with_file_and_line(tmp_path):
+    folder = tmp_path / "bio" / "broken"
+    write_task(folder, [{"id": "a", "input": "x", "output": "y"}])
+    path = folder / "test.jsonl"
+    path.write_text(path.read_text() + '{"id": "b", "input": "x", "output": "y"}\n{"id": "c", "input": "x",\n')
+    with pytest.raises(TaskError, match=re.escape(f"{path}:3: invalid JSON")):
+        load_task(folder)
+    path.write_text('{"id": "a", "input": "x", "output": "y"}\n\n{"id": "b", "output": "y"}\n')
+    with pytest.raises(TaskError, match=re.escape(f"{path}:3: missing field 'input'")):
+        load_tasks([str(tmp_path)])
+    path.write_text('{"id": "a", "input": "x", "output": "z", "choices": ["y", "n"]}\n')
+    with pytest.raises(TaskError, match=re.escape(f"{path}:1: output 'z' is not one of choices")):
+        load_task(folder)
+
+
+def test_cli_reports_malformed_task_before_any_work(tmp_path, capsys):
+    from selfspec.cli import main
+
+    folder = tmp_path / "tasks" / "bad"
+    write_task(folder, [{"id": "a", "input": "x", "output": "y"}])
+    (folder / "test.jsonl").write_text('{"id": "a", "input": "x", "output": "y"}\nnot json\n')
+    assert main(["eval", "--tasks", str(tmp_path / "tasks"), f"runs_dir={tmp_path}"]) == 2
+    assert f"{folder / 'test.jsonl'}:2: invalid JSON" in capsys.readouterr().err
+
+
+def test_task_tree_expands_recursively_with_domains(tmp_path):
+    yesno_task(tmp_path / "biomedical" / "yesno")
+    write_task(tmp_path / "finance" / "deep" / "headlines", [{"id": "h", "input": "Shares rose.", "output": "Shares rose"}])
+    tasks = load_tasks([str(tmp_path)])
+    assert [(t.name, t.domain, t.kind) for t in tasks] == [
+        ("yesno", "biomedical", "choice"),
+        ("headlines", "deep", "text"),
+    ]
+    assert tasks[0].labels == ("yes", "no", "maybe") and tasks[0].metrics == ("accuracy", "macro_f1")
+    assert tasks[1].metrics == ("rouge_l",) and len(tasks[0].demos) == 1
+    with pytest.raises(TaskError, match="unknown task set 'builtin:nowhere'"):
+        load_tasks(["builtin:nowhere"])
+    with pytest.raises(TaskError, match="two tasks named 'yesno'"):
+        load_tasks([str(tmp_path), str(yesno_task(tmp_path / "copy" / "yesno"))])
+
+
+@pytest.mark.skipif(not (BUILTIN_TASKS / "biomedical").is_dir(), reason="builtin tasks not shipped yet")
+def test_builtin_task_sets_load():
+    tasks = load_tasks(["builtin:biomedical", "builtin:finance"])
+    assert {t.domain for t in tasks} == {"biomedical", "finance"}
+    assert all(t.test for t in tasks)
+
+
+# -- metrics -------------------------------------------------------------------
+def value(metric, preds, golds):
+    return metric_value(metric, metric_stats(metric, preds, golds))
+
+
+def test_classification_metrics():
+    preds, golds = ["a", "b", None, "a"], ["a", "a", "b", "a"]
+    assert value("accuracy", preds, golds) == 0.5
+    # a: tp 2, fp 0, fn 1 -> F1 0.8; b: tp 0, fp 1, fn 1 -> 0; an unparsed answer is only a miss.
+    assert value("macro_f1", preds, golds) == pytest.approx(0.4)
+
+
+def test_entity_numeric_and_rouge_metrics():
+    assert value("entity_f1", [["Ataxia", "cancer"]], ["ataxia; Breast Cancer"]) == pytest.approx(0.5)
+    assert value("entity_f1", [[], ["asthma"]], ["asthma", "Asthma"]) == pytest.approx(2 / 3)
+    assert parse_number("The answer is $1,234.5.") == 1234.5
+    assert parse_number("Growth was 12% in 2023") == 12.0
+    assert value("numeric_em", [1240.0, 1300.0, None], ["1234.5", "1234.5", "7"]) == pytest.approx(1 / 3)
+    assert value("rouge_l", ["net sales rose", "profit fell"], ["net sales rose", "shares were flat"]) == 0.5
+
+
+def test_answer_extraction():
+    labels = ["positive", "negative", "neutral"]
+    assert extract_label("Answer: Positive.", labels) == "positive"
+    assert extract_label("It is negative, not positive", labels) == "negative"
+    assert extract_label("I cannot tell", labels) is None
+    assert extract_label("Maybe not.", ["yes", "no", "maybe"]) == "maybe"
+    assert extract_entities("Diseases: ataxia; Breast cancer.") == ["ataxia", "breast cancer"]
+    assert extract_entities("- asthma\n- cystic fibrosis\n") == ["asthma", "cystic fibrosis"]
+    assert extract_entities("None") == []
+
+
+def test_bootstrap_ci_is_seeded_and_paired():
+    rng = np.random.default_rng(1)
+    golds = list(rng.choice(["x", "y", "z"], 60))
+    preds = [g if rng.random() < 0.7 else "x" for g in golds]
+    stats = metric_stats("macro_f1", preds, golds)
+    weights = bootstrap_weights(len(golds), 300, seed=0)
+    first = score_with_ci("macro_f1", stats, weights)
+    assert first == score_with_ci("macro_f1", stats, bootstrap_weights(len(golds), 300, seed=0))
+    assert first["ci_low"] < first["value"] < first["ci_high"]
+    assert paired_difference("macro_f1", stats, stats, weights) == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert score_with_ci("accuracy", metric_stats("accuracy", preds, golds), None)["ci_low"] is None
+
+
+# -- scoring -------------------------------------------------------------------
+def tiny_config(tmp_path, **eval_fields):
+    from selfspec.config import EvalConfig, ModelConfig, RunConfig
+
+    return RunConfig(
+        name="t",
+        runs_dir=str(tmp_path / "runs"),
+        model=ModelConfig(backend="transformers", max_batch_size=16),
+        eval=EvalConfig(**{"bootstrap": 100, "max_new_tokens": 12, **eval_fields}),
+    )
+
+
+def test_loglik_batch_equals_single(fp32_backend, tmp_path):
+    from selfspec.stages.evaluate import build_requests, run_requests
+
+    tasks = load_tasks([str(yesno_task(tmp_path / "bio" / "yesno"))])
+    # Rows of different lengths (0- and 1-shot) so that the batch is padded.
+    requests = build_requests(tasks, {"base": None}, tiny_config(tmp_path, shots=[0, 1], max_examples=2), [])
+    assert {r["mode"] for r in requests} == {"loglik"} and len(requests) == 4
+    batched = run_requests(fp32_backend, requests)
+    for request, together in zip(requests, batched):
+        alone = run_requests(fp32_backend, [request])[0]
+        assert alone["output"] == together["output"]
+        for label in ("yes", "no", "maybe"):
+            assert alone["logliks"][label] == pytest.approx(together["logliks"][label], abs=1e-4)
+
+
+def test_generation_scoring_extracts_labels(fp32_backend, tmp_path):
+    from selfspec.stages.evaluate import build_requests, parse_answer, run_requests
+
+    tasks = load_tasks([str(yesno_task(tmp_path / "bio" / "yesno"))])
+    requests = build_requests(tasks, {"base": None}, tiny_config(tmp_path, scoring="generate", max_examples=2), [])
+    assert {r["mode"] for r in requests} == {"generate"}
+    for request, result in zip(requests, run_requests(fp32_backend, requests)):
+        parsed = parse_answer(tasks[0], tasks[0].test[request["index"]], result["output"], None)
+        assert parsed == extract_label(result["output"], ["yes", "no", "maybe"])
+
+
+# -- the whole stage -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory) -> Path:
+    """A LoRA adapter with random (untrained) weights: enough to differ from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from selfspec.models.resolve import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    folder = tmp_path_factory.mktemp("adapters") / "tiny-spec"
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def eval_tasks(root: Path) -> Path:
+    yesno_task(root / "biomedical" / "yesno")
+    write_task(
+        root / "biomedical" / "diseases",
+        [
+            {"id": "n1", "input": "Patients with cystic fibrosis and asthma were enrolled.", "output": "cystic fibrosis; asthma"},
+            {"id": "n2", "input": "Mutations in BRCA1 cause breast cancer.", "output": "breast cancer"},
+        ],
+        "instruction: List every disease mentioned in the text, separated by semicolons.\nmetric: [entity_f1]\n",
+    )
+    write_task(
+        root / "finance" / "numbers",
+        [
+            {"id": "m1", "input": "Revenue was 120 and costs were 80. What was the profit?", "output": "40"},
+            {"id": "m2", "input": "A share costs 10 and you buy 3. What do you pay?", "output": "30"},
+        ],
+        "instruction: Answer with a number.\nmetric: [numeric_em]\n",
+    )
+    write_task(
+        root / "finance" / "summary",
+        [{"id": "s1", "input": "Nokia said net sales rose 5% to EUR 6 billion in the quarter.", "output": "Nokia's sales rose 5%."}],
+        "instruction: Summarize the news in one sentence.\nmetric: [rouge_l, exact_match]\n",
+    )
+    return root
+
+
+def recompute(metric: str, rows: list[dict]) -> float:
+    """An independent few-line implementation of each metric, from predictions.jsonl."""
+    preds, golds = [r["parsed"] for r in rows], [r["gold"] for r in rows]
+    if metric == "accuracy":
+        return statistics.fmean(p == g for p, g in zip(preds, golds))
+    if metric == "macro_f1":
+        f1s = []
+        for c in sorted(set(golds) | {p for p in preds if p is not None}):
+            tp = sum(p == c == g for p, g in zip(preds, golds))
+            fp = sum(p == c != g for p, g in zip(preds, golds))
+            fn = sum(g == c != p for p, g in zip(preds, golds))
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+        return statistics.fmean(f1s)
+    if metric == "entity_f1":
+        tp = fp = fn = 0
+        for p, g in zip(preds, golds):
+            pred, gold = {e.lower() for e in p}, {e.strip().lower() for e in g.split(";")}
+            tp, fp, fn = tp + len(pred & gold), fp + len(pred - gold), fn + len(gold - pred)
+        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    if metric == "numeric_em":
+        return statistics.fmean(p is not None and math.isclose(p, float(g), rel_tol=0.01) for p, g in zip(preds, golds))
+    if metric == "rouge_l":
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        return statistics.fmean(scorer.score(g, p)["rougeL"].fmeasure for p, g in zip(preds, golds))
+    if metric == "exact_match":
+        norm = lambda s: " ".join(s.lower().split()).strip(" .,:;!?\"'`")
+        return statistics.fmean(norm(p) == norm(g) for p, g in zip(preds, golds))
+    raise AssertionError(metric)
+
+
+def test_eval_cli_end_to_end(ray_local, adapter_dir, tmp_path, capsys):
+    from selfspec.cli import main
+
+    tasks = eval_tasks(tmp_path / "tasks")
+    run = tmp_path / "runs" / "t"
+    write_jsonl(run / "train" / "metrics.jsonl", [{"step": s, "epoch": s / 4, "loss": 2.0 / s, "lr": 1e-4, "tokens_per_s": 200} for s in range(1, 9)])
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "summary.json").write_text(json.dumps({
+        "counts": {"prompts": 10, "raw_instructions": 25, "kept_instructions": 12, "examples": 11},
+        "drops": {"instruction": {"rouge_duplicate": 9, "too_short": 4}, "response": {"empty": 1}},
+    }))
+    code = main([
+        "eval", "--tasks", str(tasks), "--models", f"base,{adapter_dir}",
+        "name=t", f"runs_dir={tmp_path / 'runs'}", "model.backend=transformers",
+        "eval.shots=[0,1]", "eval.max_examples=2", "eval.bootstrap=200", "eval.max_new_tokens=12",
+        "eval.batch_size=16",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| Task | Domain | Shots | Metric | n | base | tiny-spec | Δ tiny-spec |" in printed
+    assert "report.html" in printed
+
+    out = run / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["models"]) == ["base", "tiny-spec"]
+    assert set(metrics["tasks"]) == {"yesno", "diseases", "numbers", "summary"}
+    checked = 0
+    for model in ("base", "tiny-spec"):
+        for task, info in metrics["tasks"].items():
+            rows = [json.loads(line) for line in (out / "predictions" / model / f"{task}.jsonl").read_text().splitlines()]
+            assert set(rows[0]) >= {"id", "prompt", "output", "parsed", "gold", "score"}
+            for shot in ("0", "1"):
+                shot_rows = [r for r in rows if str(r["shot"]) == shot]
+                result = metrics["results"][model][task][shot]
+                assert result["n"] == len(shot_rows) == min(2, info["n_total"])
+                for metric in info["metrics"]:
+                    assert round(recompute(metric, shot_rows), 6) == result[metric]["value"], (model, task, shot, metric)
+                    assert result[metric]["ci_low"] <= result[metric]["value"] <= result[metric]["ci_high"]
+                    checked += 1
+    assert checked == 2 * 2 * 6
+    assert set(metrics["deltas"]["tiny-spec"]["yesno"]["0"]) == {"accuracy", "macro_f1"}
+    assert set(metrics["domains"]["base"]) == {"biomedical", "finance"}
+    # 1-shot prompts hold a demo from dev.jsonl: one user/assistant pair before the question.
+    yesno = [json.loads(line) for line in (out / "predictions" / "base" / "yesno.jsonl").read_text().splitlines()]
+    assert [len(r["prompt"]) for r in yesno] == [1, 1, 3, 3]
+
+    assert "tiny-spec" in (out / "results.md").read_text()
+    report = (out / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", report, re.IGNORECASE)
+    assert 'src="http' not in report
+    assert report.count('src="data:image/png;base64,') == 3  # per task, funnel, loss curve
