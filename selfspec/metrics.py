@@ -192,7 +192,7 @@ def example_score(metric: str, pred: Any, gold: str, rel_tol: float = 0.01) -> f
 
 
 # -- bootstrap -----------------------------------------------------------------
-def bootstrap_weights(n: int, samples: int, seed: int) -> np.ndarray:
+def bootstrap_weights(n: int, samples: int, seed: int | Sequence[int]) -> np.ndarray:
     """`samples` x `n` resampling counts (each row sums to n), seeded."""
     rng = np.random.default_rng(seed)
     return rng.multinomial(n, np.full(n, 1.0 / n), size=samples).astype(np.float64)

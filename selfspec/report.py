@@ -75,14 +75,20 @@ def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[tuple[str,
 def domain_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[tuple[str, str]]]]:
     reference, others = metrics["reference"], _others(metrics)
     header = ["Domain", "Shots", "Tasks", reference] + [h for m in others for h in (m, f"Δ {m}")]
+
+    def average(model: str, domain: str, shot: str) -> str:
+        entry = metrics["domains"][model][domain][shot]
+        return fmt_score(
+            {"value": entry["primary"], "ci_low": entry.get("primary_ci_low"), "ci_high": entry.get("primary_ci_high")}
+        )
+
     rows = []
     for domain, by_shot in metrics["domains"][reference].items():
         for shot, entry in by_shot.items():
-            row = [(domain, ""), (shot, ""), (str(entry["tasks"]), ""), (f"{entry['primary']:.3f}", "")]
+            row = [(domain, ""), (shot, ""), (str(entry["tasks"]), ""), (average(reference, domain, shot), "")]
             for model in others:
-                value = metrics["domains"][model][domain][shot]["primary"]
-                diff = value - entry["primary"]
-                row += [(f"{value:.3f}", ""), (f"{diff:+.3f}", "up" if diff > 0 else "down" if diff < 0 else "flat")]
+                delta = metrics["domain_deltas"][model][domain][shot]
+                row += [(average(model, domain, shot), ""), (fmt_delta(delta), delta_sign(delta))]
             rows.append(row)
     return header, rows
 
@@ -137,7 +143,7 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         "",
         _markdown_table(*table_rows(metrics)),
         "",
-        "## Domain averages (mean of each task's first metric)",
+        "## Domain averages (mean of each task's first metric; tasks resampled independently)",
         "",
         _markdown_table(*domain_rows(metrics)),
     ]
@@ -169,11 +175,10 @@ def task_figure(metrics: dict[str, Any]) -> str:
     """Each task's first metric per model with 95% CI error bars, one panel per shot count."""
     plt = _pyplot()
     tasks, models, shots = list(metrics["tasks"]), list(metrics["models"]), list(map(str, metrics["shots"]))
-    fig, axes = plt.subplots(
-        1, len(shots), figsize=(max(5.0, 1.3 * len(tasks) * len(models) / 2 + 2) * len(shots), 3.8), squeeze=False
-    )
+    width_in = min(14.0, max(6.0, 0.75 * len(tasks) * max(1.0, len(models) / 2) + 2))
+    fig, axes = plt.subplots(len(shots), 1, figsize=(width_in, 3.4 * len(shots)), squeeze=False)
     width = 0.8 / len(models)
-    for ax, shot in zip(axes[0], shots):
+    for ax, shot in zip(axes[:, 0], shots):
         for j, model in enumerate(models):
             values, low, high = [], [], []
             for task in tasks:
@@ -188,8 +193,9 @@ def task_figure(metrics: dict[str, Any]) -> str:
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{shot}-shot", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("score (95% CI)")
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.set_ylabel("score (95% CI)")
+    axes[0][0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -315,7 +321,8 @@ def render_html(
         f"<h1>Self-specialization evaluation — run <code>{html.escape(metrics['run'])}</code></h1>",
         f"<p class='sub'>{html.escape(describe(metrics)).replace('`', '')}</p>",
         *[f"<p class='verdict'>{html.escape(line)}</p>" for line in verdicts(metrics)],
-        "<h2>Domain averages</h2><p class='note'>Mean of each task's first metric.</p>",
+        "<h2>Domain averages</h2><p class='note'>Mean of each task's first metric, 95% CI with each task resampled independently; "
+        "green or red: the paired CI of the difference excludes zero.</p>",
         _html_table(*domain_rows(metrics)),
         "<h2>Per task</h2>",
         _img(task_figure(metrics), "per-task scores with 95% confidence intervals"),

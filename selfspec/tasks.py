@@ -28,6 +28,16 @@ TASK_YAML_FIELDS = {
 DEMO_SPLITS = ("dev", "train")
 
 
+class _TaskYamlLoader(yaml.SafeLoader):
+    """YAML without implicit booleans: `labels: [yes, no, maybe]` stays three strings."""
+
+
+_TaskYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 class TaskError(ValueError):
     """A task directory or file that cannot be used; the message names file and line."""
 
@@ -70,8 +80,11 @@ class Task:
         return list(row.get("choices") or self.labels or ())
 
 
-def read_task_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read and validate one task JSONL file; raise TaskError naming file and line."""
+def read_task_jsonl(path: Path, labels: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Read and validate one task JSONL file; raise TaskError naming file and line.
+
+    With `labels`, a row without its own `choices` must have one of them as output.
+    """
     rows, first_line_of_id = [], {}
     try:
         text = path.read_text(encoding="utf-8")
@@ -85,6 +98,8 @@ def read_task_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             raise TaskError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
         problem = _row_problem(row)
+        if not problem and labels and not row.get("choices") and row["output"] not in labels:
+            problem = f"output '{row['output']}' is not one of the task's labels {list(labels)}"
         if problem:
             raise TaskError(f"{path}:{number}: {problem}")
         row["id"] = str(row["id"])
@@ -123,7 +138,7 @@ def _read_task_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskYamlLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise TaskError(f"{path}:{mark.line + 1 if mark else 1}: invalid YAML: {exc}") from None
@@ -158,27 +173,20 @@ def load_task(directory: str | Path, domain: str | None = None) -> Task:
         raise TaskError(f"{directory}: not a task directory (no test.jsonl)")
     meta_path = directory / "task.yaml"
     meta = _read_task_yaml(meta_path)
-    test = read_task_jsonl(test_path)
-    if not test:
-        raise TaskError(f"{test_path}: no examples")
-    demos: list[dict[str, Any]] = []
-    for split in DEMO_SPLITS:
-        if (directory / f"{split}.jsonl").is_file():
-            demos = read_task_jsonl(directory / f"{split}.jsonl")
-            break
     labels = meta.get("labels")
     if labels is not None and (
         not isinstance(labels, list) or not labels or not all(isinstance(x, (str, int)) for x in labels)
     ):
         raise TaskError(f"{meta_path}: 'labels' must be a non-empty list of strings")
     labels = tuple(str(x) for x in labels) if labels else None
-    if labels:
-        for number, row in enumerate(test, start=1):
-            if not row.get("choices") and row["output"] not in labels:
-                raise TaskError(
-                    f"{test_path}: example '{row['id']}' has output '{row['output']}' "
-                    f"outside labels {list(labels)}"
-                )
+    test = read_task_jsonl(test_path, labels)
+    if not test:
+        raise TaskError(f"{test_path}: no examples")
+    demos: list[dict[str, Any]] = []
+    for split in DEMO_SPLITS:
+        if (directory / f"{split}.jsonl").is_file():
+            demos = read_task_jsonl(directory / f"{split}.jsonl", labels)
+            break
     metrics = _metric_list(meta.get("metric", meta.get("metrics")), meta_path)
     if metrics is None:
         has_choices = labels or all(row.get("choices") for row in test)

@@ -65,6 +65,10 @@ def test_malformed_line_is_reported_with_file_and_line(tmp_path):
     path.write_text('{"id": "a", "input": "x", "output": "z", "choices": ["y", "n"]}\n')
     with pytest.raises(TaskError, match=re.escape(f"{path}:1: output 'z' is not one of choices")):
         load_task(folder)
+    (folder / "task.yaml").write_text("labels: [yes, no]\n")
+    path.write_text('{"id": "a", "input": "x", "output": "yes"}\n{"id": "b", "input": "x", "output": "perhaps"}\n')
+    with pytest.raises(TaskError, match=re.escape(f"{path}:2: output 'perhaps' is not one of the task's labels")):
+        load_task(folder)
 
 
 def test_cli_reports_malformed_task_before_any_work(tmp_path, capsys):
@@ -86,6 +90,9 @@ def test_task_tree_expands_recursively_with_domains(tmp_path):
         ("headlines", "deep", "text"),
     ]
     assert tasks[0].labels == ("yes", "no", "maybe") and tasks[0].metrics == ("accuracy", "macro_f1")
+    # Unquoted yes/no in task.yaml are labels, not YAML 1.1 booleans.
+    (tmp_path / "biomedical" / "yesno" / "task.yaml").write_text("name: yesno\nlabels: [yes, no, maybe]\n")
+    assert load_tasks([str(tmp_path)])[0].labels == ("yes", "no", "maybe")
     assert tasks[1].metrics == ("rouge_l",) and len(tasks[0].demos) == 1
     with pytest.raises(TaskError, match="unknown task set 'builtin:nowhere'"):
         load_tasks(["builtin:nowhere"])
@@ -305,6 +312,9 @@ def test_eval_cli_end_to_end(ray_local, adapter_dir, tmp_path, capsys):
     assert checked == 2 * 2 * 6
     assert set(metrics["deltas"]["tiny-spec"]["yesno"]["0"]) == {"accuracy", "macro_f1"}
     assert set(metrics["domains"]["base"]) == {"biomedical", "finance"}
+    bio = metrics["domains"]["base"]["biomedical"]["0"]
+    assert bio["primary_ci_low"] <= bio["primary"] <= bio["primary_ci_high"]
+    assert set(metrics["domain_deltas"]["tiny-spec"]["finance"]["1"]) == {"value", "ci_low", "ci_high"}
     # 1-shot prompts hold a demo from dev.jsonl: one user/assistant pair before the question.
     yesno = [json.loads(line) for line in (out / "predictions" / "base" / "yesno.jsonl").read_text().splitlines()]
     assert [len(r["prompt"]) for r in yesno] == [1, 1, 3, 3]

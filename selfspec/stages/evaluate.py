@@ -23,17 +23,22 @@ import random
 import shlex
 import sys
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from selfspec.config import ConfigError, RunConfig, dump_config
 from selfspec.io import RunDir, atomic_write_text, run_dir_for, write_json, write_jsonl
 from selfspec.metrics import (
+    bootstrap_values,
     bootstrap_weights,
     example_score,
     extract_entities,
     extract_label,
+    interval,
     metric_stats,
     paired_difference,
     parse_number,
@@ -140,8 +145,9 @@ def demo_pool(task: Task, source: str, seed_sets: list) -> list[dict[str, Any]]:
     pool = seed_demo_pool(task, seed_sets)
     if not pool:
         raise TaskError(
-            f"{task.path}: no few-shot demonstrations: no dev/train split and no seeds of domain "
-            f"'{task.domain}' in generate.seeds (set seed_task in task.yaml or use eval.shots=[0])"
+            f"{task.path}: no few-shot demonstrations: no dev/train split and no fitting seeds of "
+            f"domain '{task.domain}' (generate.seeds or seeds/{task.domain}.yaml); add dev.jsonl, "
+            "set seed_task in task.yaml or use eval.shots=[0]"
         )
     return pool
 
@@ -311,14 +317,16 @@ def task_metrics(
     task: Task,
     records: dict[str, list[dict[str, Any]]],
     reference: str,
-    bootstrap: int,
-    seed: int,
+    weights: np.ndarray | None,
     rel_tol: float,
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Per model: `{"n", metric: {value, ci_low, ci_high}}`; per other model: the paired
-    difference from `reference`. All models share one set of bootstrap resamples."""
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
+    """Scores of one task at one shot count.
+
+    Returns, per model, `{"n", metric: {value, ci_low, ci_high}}`; per other model, the
+    paired difference from `reference`; and per model the bootstrap values of the
+    task's first metric (for domain averages). All models share the resamples `weights`.
+    """
     n = len(next(iter(records.values())))
-    weights = bootstrap_weights(n, bootstrap, seed) if bootstrap else None
     stats = {
         model: {
             metric: metric_stats(metric, [r["parsed"] for r in rows], [r["gold"] for r in rows], rel_tol)
@@ -337,55 +345,97 @@ def task_metrics(
                 deltas[model] = {
                     m: paired_difference(m, s, stats[reference][m], weights) for m, s in by_metric.items()
                 }
-    return scores, deltas
+    boot = {}
+    if weights is not None:
+        boot = {m: bootstrap_values(task.primary_metric, s[task.primary_metric], weights) for m, s in stats.items()}
+    return scores, deltas, boot
 
 
-def domain_averages(tasks: list[Task], results: dict[str, Any], shots: list[int]) -> dict[str, Any]:
+def task_seed(seed: int, task: Task) -> list[int]:
+    """Each task draws its own resamples, so domain averages combine independent ones."""
+    return [seed, zlib.crc32(task.name.encode())]
+
+
+def domain_averages(
+    tasks: list[Task], scores: dict[str, Any], boots: dict[tuple[str, str, str], np.ndarray],
+    shots: list[int], reference: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per model, domain and shot: the mean of each metric over the domain's tasks that
-    report it, and `primary`, the mean of each task's first metric."""
-    out: dict[str, Any] = {}
-    for model, by_task in results.items():
-        for domain in sorted({t.domain for t in tasks}):
-            members = [t for t in tasks if t.domain == domain]
-            for shot in map(str, shots):
-                entry: dict[str, Any] = {"tasks": len(members)}
-                entry["primary"] = round(
-                    sum(by_task[t.name][shot][t.primary_metric]["value"] for t in members) / len(members), 6
-                )
+    report it, and `primary`, the mean of each task's first metric, with a bootstrap CI
+    (tasks resampled independently); per other model, the paired difference of
+    `primary` from `reference` with its CI."""
+    averages: dict[str, Any] = {}
+    differences: dict[str, Any] = {}
+    for domain in sorted({t.domain for t in tasks}):
+        members = [t for t in tasks if t.domain == domain]
+        for shot in map(str, shots):
+
+            def mean_boot(model: str) -> np.ndarray | None:
+                if not boots:
+                    return None
+                return np.mean([boots[(model, t.name, shot)] for t in members], axis=0)
+
+            for model, by_task in scores.items():
+                primary = sum(by_task[t.name][shot][t.primary_metric]["value"] for t in members) / len(members)
+                entry: dict[str, Any] = {"tasks": len(members), "primary": round(primary, 6)}
+                values = mean_boot(model)
+                if values is not None:
+                    entry["primary_ci_low"], entry["primary_ci_high"] = (round(x, 6) for x in interval(values))
                 for metric in sorted({m for t in members for m in t.metrics}):
                     values = [by_task[t.name][shot][metric]["value"] for t in members if metric in t.metrics]
                     entry[metric] = round(sum(values) / len(values), 6)
-                out.setdefault(model, {}).setdefault(domain, {})[shot] = entry
-    return out
+                averages.setdefault(model, {}).setdefault(domain, {})[shot] = entry
+            if reference not in scores:
+                continue
+            for model in scores:
+                if model == reference:
+                    continue
+                diff = {"value": round(averages[model][domain][shot]["primary"] - averages[reference][domain][shot]["primary"], 6),
+                        "ci_low": None, "ci_high": None}
+                if boots:
+                    low, high = interval(mean_boot(model) - mean_boot(reference))
+                    diff["ci_low"], diff["ci_high"] = round(low, 6), round(high, 6)
+                differences.setdefault(model, {}).setdefault(domain, {})[shot] = diff
+    return averages, differences
 
 
 def collect(
     tasks: list[Task], models: dict[str, str | None], requests: list[dict[str, Any]],
-    results: list[dict[str, Any]], config: RunConfig,
-) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], dict[str, Any]]:
-    """Predictions per model and task, and the metrics document."""
-    cfg = config.eval
+    results: list[dict[str, Any]], rel_tol: float,
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Prediction records per model and task, in request order."""
     by_name = {t.name: t for t in tasks}
     predictions: dict[str, dict[str, list[dict[str, Any]]]] = {m: {t.name: [] for t in tasks} for m in models}
     for request, result in zip(requests, results):
         task = by_name[request["task"]]
         row = task.test[request["index"]]
-        predictions[request["model"]][task.name].append(
-            prediction_record(task, row, request, result, cfg.numeric_rel_tol)
-        )
+        predictions[request["model"]][task.name].append(prediction_record(task, row, request, result, rel_tol))
+    return predictions
+
+
+def summarize(
+    tasks: list[Task], models: dict[str, str | None], predictions: dict[str, dict[str, list[dict[str, Any]]]],
+    config: RunConfig,
+) -> dict[str, Any]:
+    """The metrics document (metrics.json) from prediction records."""
+    cfg = config.eval
     reference = BASE if BASE in models else next(iter(models))
     scores: dict[str, Any] = {m: {} for m in models}
     deltas: dict[str, Any] = {m: {} for m in models if m != reference}
+    boots: dict[tuple[str, str, str], np.ndarray] = {}
     for task in tasks:
+        n = len(task.test[: cfg.max_examples])
+        weights = bootstrap_weights(n, cfg.bootstrap, task_seed(cfg.seed, task)) if cfg.bootstrap else None
         for shot in cfg.shots:
             records = {m: [r for r in predictions[m][task.name] if r["shot"] == shot] for m in models}
-            task_scores, task_deltas = task_metrics(
-                task, records, reference, cfg.bootstrap, cfg.seed, cfg.numeric_rel_tol
-            )
+            task_scores, task_deltas, task_boots = task_metrics(task, records, reference, weights, cfg.numeric_rel_tol)
             for model, value in task_scores.items():
                 scores[model].setdefault(task.name, {})[str(shot)] = value
             for model, value in task_deltas.items():
                 deltas[model].setdefault(task.name, {})[str(shot)] = value
+            for model, values in task_boots.items():
+                boots[(model, task.name, str(shot))] = values
+    domains, domain_deltas = domain_averages(tasks, scores, boots, cfg.shots, reference)
     metrics = {
         "run": config.name,
         "model_ref": config.model.ref,
@@ -408,9 +458,10 @@ def collect(
         },
         "results": scores,
         "deltas": deltas,
-        "domains": domain_averages(tasks, scores, cfg.shots),
+        "domains": domains,
+        "domain_deltas": domain_deltas,
     }
-    return predictions, metrics
+    return metrics
 
 
 # -- the stage -----------------------------------------------------------------
@@ -442,7 +493,8 @@ def run_eval(
     seed_sets = load_demo_seeds(config, {t.domain for t in task_list}) if needs_seeds else []
     requests = build_requests(task_list, model_paths, config, seed_sets)
     results = execute(requests, config, model_paths, executor)
-    predictions, metrics = collect(task_list, model_paths, requests, results, config)
+    predictions = collect(task_list, model_paths, requests, results, config.eval.numeric_rel_tol)
+    metrics = summarize(task_list, model_paths, predictions, config)
     metrics["command"] = command
     metrics["seconds"] = round(time.time() - started, 1)
     metrics["requests"] = len(requests)
