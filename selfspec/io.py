@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
@@ -39,6 +43,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -118,6 +123,12 @@ class RunDir:
     """
 
     root: str
+
+    def __post_init__(self) -> None:
+        # A file:// run directory is a local one: stages that need real folders (Ray
+        # Train storage, adapters that models load, eval's adapter scan) get a plain path.
+        if self.root.startswith("file://"):
+            object.__setattr__(self, "root", self.root.removeprefix("file://"))
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])

@@ -114,7 +114,7 @@ def run_pipeline(config: RunConfig, executor: str = "ray") -> dict[str, Any]:
         eval_fp = _digest([config.section_hash("model", "eval"), [_adapter_fingerprint(a) for a in adapters]])
         summaries["eval"] = run_stage(
             ledger, "eval", eval_fp, [root.path("eval", "metrics.json")],
-            lambda: run_eval(config, root, models=["base", *adapters]),
+            lambda: run_eval(config, root, models=["base", *adapters], executor=executor),
         )
     write_json(root.path("summary.json"), summaries)
     return summaries
