@@ -98,6 +98,8 @@ class TrainConfig(StageConfig):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
     lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -138,38 +140,96 @@ class EvalConfig(StageConfig):
 
 
 class ServeConfig(StageConfig):
-    """OpenAI-compatible multi-adapter endpoint."""
+    """OpenAI-compatible multi-adapter endpoint, its adapter registry and promotion rule."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Clients send `Authorization: Bearer KEY`; unset means no key (SELFSPEC_API_KEY is read by `selfspec serve`).
     api_key: str | None = None
+    # Glob patterns; each match is an adapter directory or a folder of them (not searched deeper).
     adapter_dirs: list[str] = ["runs/*/adapters"]
+    # Promoted versions live here (`<name>/vK/` and `registry.json`); default `<runs_dir>/registry`.
+    registry_dir: str | None = None
+    # How stale the adapter list may get before a rescan picks up new adapters.
+    registry_refresh_s: float = Field(2.0, ge=0)
     max_adapters_per_replica: int = Field(8, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_prompt_tokens: int = Field(2048, ge=1)
     max_tokens_limit: int = Field(1024, ge=1)
+    # max_tokens when a chat request names none (completions follow OpenAI's 16).
+    default_max_tokens: int = Field(256, ge=1)
+    max_n: int = Field(4, ge=1)
     num_replicas: int | Literal["auto"] = 1
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
+    # Autoscaling target per replica; batching needs several requests in flight to pay off.
+    target_ongoing_requests: float = Field(8, gt=0)
+    max_ongoing_requests: int = Field(64, ge=1)
     num_cpus_per_replica: float = Field(1, gt=0)
     num_gpus_per_replica: float = Field(0, ge=0)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_batch_size: int = Field(16, ge=1)
+    # Promotion: the adapter's domain average of this metric ("primary": each task's first
+    # metric) must beat the base by more than min_delta at every evaluated shot (or promote_shot).
+    promote_metric: str = "primary"
+    promote_min_delta: float = 0.0
+    promote_shot: int | None = Field(None, ge=0)
+    # Also require each domain task's paired bootstrap CI of the difference to lie above 0.
+    promote_require_ci: bool = False
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size "
+                f"({self.max_batch_size}): batches could never fill"
+            )
+        return self
 
 
 class RetrievalConfig(StageConfig):
     """Optional grounding of generation prompts in domain passages."""
 
     enabled: bool = False
-    corpus: str | None = None  # JSONL, Parquet or a directory; builtin:DOMAIN
+    corpus: str | None = None  # JSONL, Parquet or a directory; builtin:DOMAIN; unset: builtin:<seed domain>
     method: Literal["bm25", "dense", "hybrid"] = "bm25"
     encoder: str = "embedded:all-minilm-l6-v2"
     index_type: Literal["flat", "ivf", "hnsw"] = "flat"
+    # Tokens are whitespace-separated words, so passage ids do not depend on the encoder.
     chunk_tokens: int = Field(200, ge=16)
     chunk_overlap: int = Field(32, ge=0)
     top_k: int = Field(2, ge=1)
+    query: str | None = None  # one fixed query for every prompt instead of its seeds' text
     passage_as_input: bool = False
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1)  # retrieval actors that serve generation's queries
+    index_dir: str | None = None  # default: <run dir>/index
+    # Hybrid fuses the top `fusion_depth` of each method: reciprocal ranks (rrf, with rrf_k), or
+    # convex: dense_weight * dense + (1 - dense_weight) * bm25 scores, each min-max scaled per query.
+    fusion: Literal["rrf", "convex"] = "rrf"
+    rrf_k: int = Field(60, ge=1)
+    dense_weight: float = Field(0.75, ge=0, le=1)
+    fusion_depth: int = Field(100, ge=1)
+    ivf_nlist: int | None = Field(None, ge=1)  # default: about sqrt(passages)
+    ivf_nprobe: int = Field(8, ge=1)
+    hnsw_m: int = Field(32, ge=2)
+    hnsw_ef_search: int = Field(64, ge=1)
+    # Index building: encoder actors on Ray Data; auto picks bf16 on GPUs and AVX512-BF16 CPUs.
+    encoder_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    encode_batch_size: int = Field(64, ge=1)
+    encode_replicas: int = Field(1, ge=1)
+    num_cpus_per_encoder: float = Field(1, gt=0)
+    num_gpus_per_encoder: float = Field(0, ge=0)
+    query_batch_size: int = Field(32, ge=1)
+    # Queries are light next to generation: reserving CPUs would starve model replicas.
+    num_cpus_per_retriever: float = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_chunk(self) -> "RetrievalConfig":
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be below chunk_tokens ({self.chunk_tokens})")
+        return self
 
 
 class PipelineConfig(StageConfig):

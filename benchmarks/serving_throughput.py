@@ -1,0 +1,213 @@
+"""Multi-adapter serving: throughput with one adapter vs three, and memory per adapter.
+
+Starts the selfspec Serve application on 127.0.0.1 (a free port) with the embedded
+model and eight LoRA adapters made with peft (r=8 on every linear layer, as
+`selfspec train` makes them; random weights: speed and memory do not depend on them),
+then, in one run:
+
+1. resident memory (RSS) of the model replica with the base alone and 1, 3, 8
+   adapters loaded, against base + the adapters' own size (goal: within 20%);
+2. requests/s and p50/p99 latency for N concurrent clients, all on one adapter vs
+   spread round-robin over three (goal: mixed at least 0.8 of single). Rounds
+   alternate single and mixed so that load from other processes hits both alike.
+
+Loopback only, bounded: rounds x 2 x requests chat requests of max_tokens tokens.
+
+    python benchmarks/serving_throughput.py [--clients 8] [--requests 32] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = [
+    "What is the main function of insulin?",
+    "Name two symptoms of anemia.",
+    "What does an interest rate cut usually do to bond prices?",
+    "Summarize what a vaccine does in one sentence.",
+]
+
+
+def make_adapters(root: Path, count: int, rank: int) -> list[Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from selfspec.models.resolve import resolve_model
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model("embedded:smollm2-135m-instruct")))
+    model = model.to_empty(device="cpu")
+    paths = []
+    for k in range(count):
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+        generator = torch.Generator().manual_seed(k)
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.data = torch.randn(param.shape, generator=generator) * 0.02
+        path = root / "bench" / "adapters" / f"a{k + 1}"
+        peft_model.save_pretrained(path)
+        paths.append(path)
+        model = peft_model.unload()
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def load(client, models: list[str], clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+    """`requests` chat requests from `clients` threads; model i % len(models) for request i."""
+    latencies: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        started = time.perf_counter()
+        response = client.chat.completions.create(
+            model=models[i % len(models)],
+            messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            max_tokens=max_tokens,
+            temperature=0,
+        )
+        with lock:
+            latencies.append(time.perf_counter() - started)
+            tokens[0] += response.usage.completion_tokens
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - started
+    return {
+        "rps": requests / wall,
+        "tok_s": tokens[0] / wall,
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "wall": wall,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=32, help="requests per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="single/mixed pairs")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", help="also write the report to this file")
+    args = parser.parse_args()
+
+    import psutil
+    import ray
+    from openai import OpenAI
+    from ray import serve
+
+    from selfspec.config import RunConfig
+    from selfspec.serving.app import APP_NAME, build_app
+
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    workdir = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    adapters = make_adapters(workdir / "runs", 8, args.rank)
+    adapter_bytes = [sum(f.stat().st_size for f in p.glob("adapter_model.*")) for p in adapters]
+    config = RunConfig.model_validate(
+        {
+            "runs_dir": str(workdir / "runs"),
+            "model": {"dtype": args.dtype, "backend": "transformers"},
+            "serve": {
+                "adapter_dirs": [str(workdir / "runs" / "*" / "adapters")],
+                "max_adapters_per_replica": 8,
+                "max_batch_size": args.clients,
+                "max_ongoing_requests": max(64, 2 * args.clients),
+                "num_cpus_per_replica": 2,
+            },
+        }
+    )
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    started = time.time()
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    replica = serve.get_deployment_handle("AdapterModel", APP_NAME)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+
+    info = replica.info.remote().result()
+    say(f"# serving throughput and memory ({time.strftime('%Y-%m-%d %H:%M')})")
+    say(
+        f"embedded smollm2-135m-instruct, dtype {args.dtype}, 1 replica (2 CPUs), {psutil.cpu_count()} cores, "
+        f"load average at start {os.getloadavg()[0]:.1f}; app up in {time.time() - started:.0f}s"
+    )
+    say(f"adapters: LoRA r={args.rank} all-linear, {adapter_bytes[0] / 2**20:.2f} MiB each on disk")
+    say()
+    say("## resident memory of the model replica (after a request to each loaded adapter)")
+    load(client, ["base"], 1, 2, 4)
+    base_rss = replica.info.remote().result()["rss_bytes"]
+    say(f"{'adapters':>8} {'RSS MiB':>9} {'base+adapters MiB':>18} {'ratio':>6} {'added MiB':>10} {'added / adapter size':>21}")
+    say(f"{0:>8} {base_rss / 2**20:>9.1f} {base_rss / 2**20:>18.1f} {1:>6.3f} {0:>10.1f} {'-':>21}")
+    loaded = 0
+    for target in (1, 3, 8):
+        load(client, [f"a{k}" for k in range(loaded + 1, target + 1)], 1, target - loaded, 4)
+        loaded = target
+        info = replica.info.remote().result()
+        assert len(info["adapters"]) == target, info["adapters"]
+        expected = base_rss + sum(adapter_bytes[:target])
+        added = info["rss_bytes"] - base_rss
+        say(
+            f"{target:>8} {info['rss_bytes'] / 2**20:>9.1f} {expected / 2**20:>18.1f} {info['rss_bytes'] / expected:>6.3f} "
+            f"{added / 2**20:>10.1f} {added / sum(adapter_bytes[:target]):>21.2f}"
+        )
+    say()
+    say(f"## {args.clients} concurrent clients, {args.requests} requests x {args.max_tokens} tokens per measurement")
+    load(client, ["a1", "a2", "a3"], args.clients, args.clients, args.max_tokens)  # warm-up
+    say(f"{'round':>5} {'adapters':>9} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'load avg':>9}")
+    results: dict[str, list[dict[str, float]]] = {"single": [], "mixed": []}
+    for round_ in range(1, args.rounds + 1):
+        for label, models in (("single", ["a1"]), ("mixed", ["a1", "a2", "a3"])):
+            r = load(client, models, args.clients, args.requests, args.max_tokens)
+            results[label].append(r)
+            say(
+                f"{round_:>5} {label:>9} {r['rps']:>7.2f} {r['tok_s']:>7.1f} {r['p50']:>7.2f} {r['p99']:>7.2f} "
+                f"{os.getloadavg()[0]:>9.1f}"
+            )
+    single = statistics.mean(r["rps"] for r in results["single"])
+    mixed = statistics.mean(r["rps"] for r in results["mixed"])
+    info = replica.info.remote().result()
+    say()
+    say(f"mixed / single requests/s: {mixed / single:.2f} (goal >= 0.8)")
+    say(
+        f"replica batches: {info['forward_batches']} forward batches, {info['mixed_batches']} with several adapters, "
+        f"up to {info['max_rows_per_batch']} rows and {info['max_adapters_per_batch']} adapters in one"
+    )
+    serve.shutdown()
+    ray.shutdown()
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""LoRA training throughput: Ray Train with 1 worker vs the same loop in plain PyTorch.
+
+One run measures, on the same machine and thread count:
+1. torch matmul GFLOP/s (2048 x 2048) in the training compute dtype (the ceiling);
+2. `selfspec.stages.train.fit` called directly, in this process (plain PyTorch);
+3. `run_train` through Ray Train: 1 worker with the same CPUs, data from Ray Data.
+Both loops run the same steps on the same packed data; the first step (allocator and
+kernel warm-up) is left out of both rates.
+
+FLOPs per trained token (LoRA, frozen base, no gradient checkpointing):
+    4 * N_matmul          forward 2N, backward 2N for activation gradients only
+                          (no weight gradients for the frozen base; full fine-tuning is 6N)
+  + 6 * N_lora            forward, activation and weight gradients of the adapter
+  + 6 * L * T * d         attention scores and values (causal: T/2 keys on average), fwd + bwd
+where N_matmul counts every weight used in a matmul (the tied embedding once, as the LM head).
+
+Usage: python benchmarks/train_throughput.py [--steps 8] [--batch-size 8] [--seq-len 256] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+from selfspec.config import RunConfig, TrainConfig
+from selfspec.io import RunDir, write_parquet
+from selfspec.schema import example_schema
+from selfspec.stages import train as T
+
+MODEL = "embedded:smollm2-135m-instruct"
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        done += 1
+    return 2 * n**3 * done / (time.perf_counter() - started) / 1e9
+
+
+def synthetic_examples(count: int) -> list[dict]:
+    """Medical-style tasks of about 60 tokens; packing turns them into full rows."""
+    return [
+        {
+            "id": f"bench{i:04d}",
+            "instruction": f"Explain in two sentences how drug {i} lowers blood pressure in adults.",
+            "input": "",
+            "output": (
+                f"Drug {i} blocks the angiotensin receptor, so the vessels relax and widen. "
+                f"Lower resistance in the vessels reduces the pressure the heart pumps against, case {i}."
+            ),
+            "domain": "biomedical",
+            "seed_ids": [],
+            "passage_ids": [],
+            "model": MODEL,
+            "adapter": "",
+            "round": 1,
+            "config_hash": "bench",
+        }
+        for i in range(count)
+    ]
+
+
+def steady_rate(rows: list[dict]) -> tuple[float, float]:
+    """(tokens/s, s/step) over all steps but the first."""
+    rest = rows[1:]
+    tokens, seconds = sum(r["tokens"] for r in rest), sum(r["seconds"] for r in rest)
+    return tokens / seconds, seconds / len(rest)
+
+
+def plain_pytorch(cfg: TrainConfig, examples: list[dict], threads: int) -> tuple[list[dict], dict]:
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    amp = T.autocast_dtype(cfg.precision, device)
+    model, tokenizer = T.load_lora_model(MODEL, cfg, device, amp)
+    records, _ = T.tokenize_examples(examples, tokenizer, T.resolve_template(cfg.template, tokenizer), cfg.max_seq_len)
+    rows = T.pack_examples(records, cfg.max_seq_len) if cfg.packing else records
+    plan = T.StepPlan.build(-(-len(rows) // cfg.batch_size), cfg)
+    optimizer, scheduler = T.build_optimizer(model, cfg, plan.total_steps)
+    history: list[dict] = []
+    T.fit(model, optimizer, scheduler, rows, cfg, plan, pad_id=tokenizer.pad_token_id, device=device, amp=amp,
+          on_step=lambda m: history.append(m.row()))
+    shape = model.get_base_model().config
+    info = {
+        "n_matmul": sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2),
+        "n_lora": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "layers": shape.num_hidden_layers,
+        "d_model": shape.hidden_size,
+        "precision": str(amp or torch.float32).removeprefix("torch."),
+        "rows": len(rows),
+    }
+    return history, info
+
+
+def ray_train(cfg: TrainConfig, examples: list[dict], threads: int) -> list[dict]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory(prefix="selfspec-bench-") as root:
+        config = RunConfig(name="bench", runs_dir=root, train=cfg.model_copy(update={"cpus_per_worker": threads}))
+        run_dir = RunDir(f"{root}/bench")
+        write_parquet(run_dir.path("data", "examples.parquet"), examples, schema=example_schema())
+        T.run_train(config, run_dir)
+        with open(run_dir.path("train", "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    cfg = TrainConfig(
+        max_seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, packing=True,
+        precision=args.precision, checkpoint_every=10_000, cpus_per_worker=args.threads,
+    )
+    # Enough examples that no row repeats within the run.
+    examples = synthetic_examples(args.steps * args.batch_size * (args.seq_len // 50 + 1))
+    load_before = os.getloadavg()[0]
+    torch.set_num_threads(args.threads)
+    amp = T.autocast_dtype(cfg.precision, torch.device("cpu")) or torch.float32
+    peak = matmul_gflops(amp)
+    plain, info = plain_pytorch(cfg, examples, args.threads)
+    ray_rows = ray_train(cfg, examples, args.threads)
+    peak_after = matmul_gflops(amp)
+    load_after = os.getloadavg()[0]
+
+    plain_rate, plain_step = steady_rate(plain)
+    ray_rate, ray_step = steady_rate(ray_rows)
+    tokens_per_row = sum(r["tokens"] for r in plain) / len(plain) / args.batch_size
+    flops_per_token = 4 * info["n_matmul"] + 6 * info["n_lora"] + 6 * info["layers"] * tokens_per_row * info["d_model"]
+    best_peak = max(peak, peak_after)
+
+    import ray
+
+    print(f"selfspec train throughput ({time.strftime('%Y-%m-%d %H:%M')})")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
+          f"torch {torch.__version__}, ray {ray.__version__}; load average {load_before:.1f} -> {load_after:.1f}")
+    print(f"model: {MODEL}; LoRA r={cfg.r} alpha={cfg.alpha} {cfg.target_modules}; "
+          f"{info['n_matmul'] / 1e6:.1f}M matmul weights, {info['n_lora'] / 1e6:.2f}M trainable; "
+          f"compute {info['precision']}")
+    print(f"work: {args.steps} steps of {args.batch_size} packed rows x {args.seq_len} tokens "
+          f"({tokens_per_row:.0f} tokens/row); rates exclude step 1")
+    print(f"matmul {2048}x{2048} {info['precision']}: {peak:.0f} GFLOP/s before, {peak_after:.0f} after")
+    print(f"plain PyTorch:       {plain_rate:8.1f} tokens/s  ({plain_step:.2f} s/step)")
+    print(f"Ray Train, 1 worker: {ray_rate:8.1f} tokens/s  ({ray_step:.2f} s/step)")
+    print(f"ratio Ray / plain:   {ray_rate / plain_rate:8.3f}  (goal >= 0.9)")
+    print(f"FLOPs/token = 4*{info['n_matmul'] / 1e6:.1f}M + 6*{info['n_lora'] / 1e6:.2f}M + "
+          f"6*{info['layers']}*{tokens_per_row:.0f}*{info['d_model']} = {flops_per_token / 1e6:.0f} MFLOP")
+    for name, rate in (("plain", plain_rate), ("ray", ray_rate)):
+        achieved = rate * flops_per_token / 1e9
+        print(f"{name:5s}: {achieved:6.1f} GFLOP/s = {achieved / best_peak:.1%} of the matmul rate")
+    print(f"loss step 1 -> {args.steps}: plain {plain[0]['loss']:.3f} -> {plain[-1]['loss']:.3f}, "
+          f"ray {ray_rows[0]['loss']:.3f} -> {ray_rows[-1]['loss']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""LoRA fine-tuning on Ray Train, on the real embedded model with tiny configs.
+
+Fast: tokenization and planning, a plain-PyTorch LoRA step (adapter moves, base does not),
+QLoRA's CPU error, and one 1-worker Ray Train run shared by the adapter tests (overfit,
+files, stock PEFT loading, export). Slow: 2 workers vs 1 worker, fault injection, explicit
+resume, bf16 vs fp32 loss curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from selfspec.config import ConfigError, RunConfig, TrainConfig
+from selfspec.io import RunDir, write_parquet
+from selfspec.schema import example_schema
+from selfspec.stages import train as T
+
+MODEL = "embedded:smollm2-135m-instruct"
+CPU = torch.device("cpu")
+
+
+def make_examples(n: int = 16, domain: str = "biomedical") -> list[dict]:
+    """Fixed, distinctive tasks that a small model can memorise in a few steps."""
+    return [
+        {
+            "id": f"ex{i:02d}",
+            "instruction": f"Which enzyme does marker {i} encode?",
+            "input": "",
+            "output": f"Marker {i} encodes the zeta-{i} kinase of the liver.",
+            "domain": domain,
+            "seed_ids": ["seed-1"],
+            "passage_ids": [],
+            "model": MODEL,
+            "adapter": "",
+            "round": 1,
+            "config_hash": "test",
+        }
+        for i in range(n)
+    ]
+
+
+def make_run(tmp_path, name: str, examples: list[dict], **train) -> tuple[RunConfig, RunDir]:
+    config = RunConfig(name=name, runs_dir=str(tmp_path / "runs"), train=TrainConfig(**train))
+    run_dir = RunDir(str(tmp_path / "runs" / name))
+    write_parquet(run_dir.path("data", "examples.parquet"), examples, schema=example_schema())
+    return config, run_dir
+
+
+def read_metrics(run_dir: RunDir) -> list[dict]:
+    with open(run_dir.path("train", "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def adapter_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(f"{path}/adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from selfspec.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(MODEL))
+
+
+# -- plain functions --------------------------------------------------------------
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_tokenize_masks_prompt_and_keeps_response(tokenizer, template):
+    example = make_examples(1)[0]
+    record, reason = T.tokenize_example(example, tokenizer, template, max_seq_len=256)
+    assert reason is None
+    ids, labels = record["input_ids"], record["labels"]
+    assert len(ids) == len(labels)
+    n_prompt = labels.index(next(t for t in labels if t != T.IGNORE_INDEX))
+    assert all(t == T.IGNORE_INDEX for t in labels[:n_prompt])
+    assert labels[n_prompt:] == ids[n_prompt:]
+    response = tokenizer.decode(ids[n_prompt:])
+    assert response.startswith(example["output"]) and tokenizer.eos_token in response
+    # The prompt part is exactly what inference feeds the model.
+    prompt, _ = T.render_example(example, tokenizer, template)
+    assert tokenizer.decode(ids[:n_prompt]) == prompt
+
+
+def test_tokenize_truncates_responses_and_drops_with_reasons(tokenizer):
+    long_prompt = dict(make_examples(1)[0], id="long", instruction="word " * 300)
+    empty = dict(make_examples(1)[0], id="empty", output="  ")
+    ok = make_examples(1)[0]
+    records, drops = T.tokenize_examples([long_prompt, empty, ok], tokenizer, "chat", max_seq_len=48)
+    assert drops == {"prompt_too_long": 1, "empty_output": 1}
+    assert len(records) == 1 and len(records[0]["input_ids"]) <= 48
+
+
+def test_packing_keeps_examples_whole_and_plan_counts_steps():
+    records = [{"input_ids": [i] * n, "labels": [T.IGNORE_INDEX] + [i] * (n - 1)} for i, n in enumerate([5, 4, 3, 6, 2])]
+    rows = T.pack_examples(records, max_seq_len=9)
+    assert [len(r["input_ids"]) for r in rows] == [9, 9, 2]
+    assert sum(len(r["labels"]) for r in rows) == 20
+
+    plan = T.StepPlan.build(micro_batches_per_epoch=5, cfg=TrainConfig(grad_accum=2, epochs=1.5))
+    assert (plan.steps_per_epoch, plan.total_steps) == (3, 5)
+    steps = list(T.planned_steps(list(range(10)), plan, batch_size=2, seed=0))
+    assert [s for s, _ in steps] == [1, 2, 3, 4, 5]
+    assert [len(m) for _, m in steps] == [2, 2, 1, 2, 2]
+    assert sorted(x for _, m in steps[:3] for b in m for x in b) == list(range(10))  # one epoch
+    # Resuming after step 4 takes the very batches the uninterrupted run took.
+    assert list(T.planned_steps(list(range(10)), plan, 2, 0, start_step=4)) == steps[4:]
+
+
+def test_qlora_on_cpu_fails_at_once_with_a_clear_message(tmp_path):
+    config, run_dir = make_run(tmp_path, "qlora", make_examples(2), qlora=True)
+    with pytest.raises(ConfigError, match="qlora=true needs a CUDA GPU"):
+        T.run_train(config, run_dir)
+
+
+def test_lora_step_moves_adapter_and_leaves_base_untouched(tokenizer):
+    cfg = TrainConfig(max_seq_len=64, batch_size=4, lr=1e-3, max_steps=2, warmup_ratio=0)
+    amp = T.autocast_dtype(cfg.precision, CPU)
+    model, tok = T.load_lora_model(MODEL, cfg, CPU, amp)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    records, _ = T.tokenize_examples(make_examples(4), tok, "chat", cfg.max_seq_len)
+    plan = T.StepPlan.build(1, cfg)
+    optimizer, scheduler = T.build_optimizer(model, cfg, plan.total_steps)
+    losses = []
+    T.fit(model, optimizer, scheduler, records, cfg, plan, pad_id=tok.pad_token_id, device=CPU, amp=amp,
+          on_step=lambda m: losses.append(m.loss))
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(frozen[n], params[n]) for n in frozen), "a base weight changed"
+    # B starts at zero, so A first moves on step 2; after two steps every adapter tensor moved.
+    assert all(not torch.equal(trainable[n], params[n]) for n in trainable)
+
+
+# -- one Ray Train run, shared by the adapter tests ------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_local):
+    """16 fixed examples, 6 steps at a high constant learning rate: enough to overfit."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    config, run_dir = make_run(
+        tmp_path, "overfit", make_examples(16), max_seq_len=64, batch_size=8, lr=2e-3,
+        schedule="constant", warmup_ratio=0, max_steps=6, checkpoint_every=3,
+    )
+    summary = T.run_train(config, run_dir)
+    return config, run_dir, summary
+
+
+def test_training_overfits_and_writes_metrics(trained):
+    config, run_dir, summary = trained
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert set(metrics[0]) >= {"step", "epoch", "loss", "lr", "tokens_per_s"}
+    assert summary["final_loss"] <= metrics[0]["loss"] / 2, [m["loss"] for m in metrics]
+    assert summary["steps"] == 6 and summary["examples"] == 16 and summary["tokens_per_s"] > 0
+
+
+def test_adapter_is_standard_peft_with_model_card(trained):
+    config, run_dir, summary = trained
+    adapter = run_dir.path("adapters", "biomedical-r1")
+    assert summary["adapter"] == adapter
+    with open(f"{adapter}/adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == MODEL
+    with open(f"{adapter}/selfspec.json") as f:
+        meta = json.load(f)
+    assert (meta["domain"], meta["base_model"], meta["run"], meta["round"]) == ("biomedical", MODEL, "overfit", 1)
+    assert meta["train"]["steps"] == 6
+    with open(f"{adapter}/README.md") as f:
+        card = f.read()
+    assert MODEL in card and "examples.parquet" in card and "final loss" in card and "| r | 8 |" in card
+    weights = adapter_weights(adapter)
+    assert weights and all("lora_" in k for k in weights), "the adapter file must hold only LoRA weights"
+
+
+def test_adapter_differs_from_init_loads_in_stock_peft_and_changes_output(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfspec.models import resolve_model
+
+    config, run_dir, _ = trained
+    adapter = run_dir.path("adapters", "biomedical-r1")
+    # The same seed and dtype as the training run give the same initial adapter.
+    init, _ = T.load_lora_model(MODEL, config.train, CPU, T.autocast_dtype(config.train.precision, CPU))
+    initial = {k.replace(".default", ""): v for k, v in init.state_dict().items() if "lora_" in k}
+    trained_weights = adapter_weights(adapter)
+    assert trained_weights.keys() == initial.keys()
+    assert all(not torch.equal(trained_weights[k], initial[k]) for k in initial)
+
+    path = resolve_model(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), adapter)
+    model.eval()
+    messages = [{"role": "user", "content": make_examples(16)[3]["instruction"]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    batch = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+
+    def greedy() -> str:
+        out = model.generate(**batch, max_new_tokens=16, do_sample=False)
+        return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    tuned = greedy()
+    with model.disable_adapter():
+        base = greedy()
+    assert tuned != base
+    assert "zeta-3" in tuned, tuned
+
+
+def test_export_merge_writes_a_full_model_that_matches_the_adapter(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from selfspec.models import resolve_model
+
+    _, run_dir, _ = trained
+    adapter = run_dir.path("adapters", "biomedical-r1")
+    out = T.export_adapter(adapter, str(tmp_path / "merged"), merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32), adapter
+    )
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 8130, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert (tmp_path / "merged" / "tokenizer.json").exists() and (tmp_path / "merged" / "README.md").exists()
+
+
+# -- slow: scaling, faults, resume, precision ------------------------------------------
+@pytest.mark.slow
+def test_two_workers_take_the_same_first_step_as_one_worker_with_twice_the_batch(tmp_path, ray_local):
+    """4 examples = one global batch either way; fp32, no dropout, one step.
+
+    Tolerance: the 1-step LoRA weights agree to atol 1e-6 (Adam's first update is
+    +-lr * g/(|g|+eps) per element with lr 1e-3, so this is 1e-3 of an update), and the
+    step's loss to rtol 1e-5: the workers' right padding differs, so the sums run in a
+    different order.
+    """
+    examples = [dict(e, output=e["output"] + " Extra words." * i) for i, e in enumerate(make_examples(4))]
+    common = dict(max_seq_len=96, lr=1e-3, max_steps=1, dropout=0.0, precision="fp32", warmup_ratio=0)
+    one_cfg, one_dir = make_run(tmp_path, "one", examples, batch_size=4, num_workers=1, **common)
+    two_cfg, two_dir = make_run(tmp_path, "two", examples, batch_size=2, num_workers=2, **common)
+    one = T.run_train(one_cfg, one_dir)
+    two = T.run_train(two_cfg, two_dir)
+    assert two["num_workers"] == 2 and two["steps"] == 1
+    assert two["first_loss"] == pytest.approx(one["first_loss"], rel=1e-5)
+    a, b = adapter_weights(one["adapter"]), adapter_weights(two["adapter"])
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, f"largest weight difference {worst:.3g}"
+
+
+@pytest.mark.slow
+def test_injected_failure_restores_latest_checkpoint_and_continues(tmp_path, ray_local, monkeypatch, capsys):
+    """Through the CLI: SELFSPEC_FAIL_AT_STEP=3 raises once; Ray restores step 2 and finishes."""
+    from selfspec.cli import main
+
+    runs = tmp_path / "runs"
+    config, run_dir = make_run(tmp_path, "fault", make_examples(8))
+    monkeypatch.setenv("SELFSPEC_FAIL_AT_STEP", "3")
+    code = main([
+        "train", f"runs_dir={runs}", "name=fault", "train.max_seq_len=64", "train.batch_size=4",
+        "train.max_steps=4", "train.checkpoint_every=2", "train.max_failures=1", "train.cpus_per_worker=1",
+    ])
+    assert code == 0
+    assert "restored from steps [2]" in capsys.readouterr().out
+    with open(run_dir.path("adapters", "biomedical-r1", "selfspec.json")) as f:
+        summary = json.load(f)["train"]
+    assert summary["restored_from_steps"] == [2] and summary["steps"] == 4
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]  # nothing lost, nothing repeated
+
+
+@pytest.mark.slow
+def test_explicit_resume_continues_a_failed_run(tmp_path, ray_local):
+    from ray.train import TrainingFailedError
+
+    config, run_dir = make_run(
+        tmp_path, "resume", make_examples(8), max_seq_len=64, batch_size=4, max_steps=4, checkpoint_every=2
+    )
+    with pytest.raises(TrainingFailedError):
+        T.run_train(config, run_dir, fail_at_step=3)
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
+    changed = config.model_copy(update={"train": config.train.model_copy(update={"lr": 1e-2})})
+    with pytest.raises(ConfigError, match="config changed since it started \\(lr\\)"):
+        T.run_train(changed, run_dir, resume=True)
+    summary = T.run_train(config, run_dir, resume=True)
+    assert summary["resumed"] and summary["restored_from_steps"] == [2] and summary["steps"] == 4
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_bf16_loss_curve_tracks_fp32(tokenizer):
+    """Same data, same init, 4 steps: bf16 autocast losses within 2% of fp32's."""
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(max_seq_len=64, batch_size=8, lr=1e-3, max_steps=4, precision=precision, dropout=0.0)
+        amp = T.autocast_dtype(precision, CPU)
+        model, tok = T.load_lora_model(MODEL, cfg, CPU, amp)
+        records, _ = T.tokenize_examples(make_examples(16), tok, "chat", cfg.max_seq_len)
+        plan = T.StepPlan.build(2, cfg)
+        optimizer, scheduler = T.build_optimizer(model, cfg, plan.total_steps)
+        losses = []
+        T.fit(model, optimizer, scheduler, records, cfg, plan, pad_id=tok.pad_token_id, device=CPU, amp=amp,
+              on_step=lambda m: losses.append(m.loss))
+        curves[precision] = losses
+    assert curves["bf16"] == pytest.approx(curves["fp32"], rel=0.02), curves
+    assert curves["bf16"][-1] < curves["bf16"][0]
