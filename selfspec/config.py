@@ -128,7 +128,7 @@ class EvalConfig(StageConfig):
     max_examples: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     bootstrap: int = Field(1000, ge=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)  # requests per model call (loglik rows share their context)
     replicas: int = Field(1, ge=1)
     seed: int = 0
     # k-shot demonstrations: the task's dev/train split, the domain's seeds, or split else seeds.

@@ -36,6 +36,9 @@ def test_parse_numbered_items_inputs_and_truncation():
     assert [i["input"] for i in items[:2]] == ["", "Aspirin lowers risk."]
     assert [i["error"] for i in items] == [None, None, "truncated"]
     assert parse_tasks("   \n", truncated=False)[0]["error"] == "unparseable"
+    # A cut completion whose only item already reached its output line lost nothing.
+    finished = parse_tasks(" List the genes.\nInput: BRCA1 and TP53 were mutated.\nOutput: BRCA1; TP53\nThe", truncated=True)
+    assert [(i["instruction"], i["input"], i["error"]) for i in finished] == [("List the genes.", "BRCA1 and TP53 were mutated.", None)]
 
 
 @pytest.mark.parametrize(

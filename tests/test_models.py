@@ -70,6 +70,23 @@ def test_loglikelihood_prefers_the_right_continuation(fp32_backend):
     assert right > wrong
 
 
+def test_shared_context_scoring_equals_scoring_each_whole_sequence(fp32_backend):
+    """Labels of one question share the context's forward pass; the sums must not change."""
+    import torch
+
+    contexts = [chat("Is aspirin an NSAID? Answer yes, no or maybe." + " Please." * i) for i in range(3)]
+    contexts.append("The capital of France is")
+    requests = [(c, label) for c in contexts for label in ("yes", "no", "maybe", " Paris, the city of light")]
+    shared = fp32_backend.loglikelihood(requests)
+    for (context, continuation), value in zip(requests, shared):
+        ctx_ids, cont_ids = fp32_backend._split_request(context, continuation)
+        with torch.inference_mode():
+            logits = fp32_backend.model(input_ids=torch.tensor([ctx_ids + cont_ids])).logits[0].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        whole = sum(float(logprobs[len(ctx_ids) - 1 + j, t]) for j, t in enumerate(cont_ids))
+        assert value == pytest.approx(whole, abs=1e-3)
+
+
 def test_embedded_reference_resolves_to_cached_safetensors():
     path = resolve_model("embedded:smollm2-135m-instruct")
     assert path.endswith(tuple("0123456789abcdef"))

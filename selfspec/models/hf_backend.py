@@ -195,54 +195,99 @@ class TransformersBackend(ModelBackend):
         return completions
 
     # -- scoring -------------------------------------------------------------
+    def _split_request(self, context: Prompt, continuation: str) -> tuple[list[int], list[int]]:
+        ctx = self.render(context)
+        # Trailing spaces belong to the continuation (as lm-evaluation-harness does).
+        stripped = ctx.rstrip(" ")
+        ctx_ids = self.tokenizer(stripped, add_special_tokens=False)["input_ids"]
+        cont_ids = self.tokenizer(ctx[len(stripped) :] + continuation, add_special_tokens=False)["input_ids"]
+        if not ctx_ids or not cont_ids:
+            raise ValueError("loglikelihood needs a non-empty context and continuation")
+        return ctx_ids, cont_ids
+
     @torch.inference_mode()
     def loglikelihood(
         self, requests: Sequence[tuple[Prompt, str]], adapters: AdapterSpec = None
     ) -> list[float]:
+        """Requests with the same context and adapter (the labels of one question) share
+        one forward pass over the context; each continuation then runs on its KV cache."""
         names = self.per_prompt_adapters(adapters, len(requests))
-        encoded = []
-        for context, continuation in requests:
-            ctx = self.render(context)
-            # Trailing spaces belong to the continuation (as lm-evaluation-harness does).
-            stripped = ctx.rstrip(" ")
-            continuation = ctx[len(stripped) :] + continuation
-            ctx_ids = self.tokenizer(stripped, add_special_tokens=False)["input_ids"]
-            cont_ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            encoded.append((ctx_ids, cont_ids))
-        order = sorted(range(len(encoded)), key=lambda i: -sum(map(len, encoded[i])))
+        encoded = [self._split_request(ctx, cont) for ctx, cont in requests]
+        groups: dict[tuple[tuple[int, ...], str | None], list[int]] = {}
+        for i, (ctx_ids, _) in enumerate(encoded):
+            groups.setdefault((tuple(ctx_ids), names[i]), []).append(i)
+        keys = sorted(groups, key=lambda k: -len(k[0]))
         scores = [0.0] * len(encoded)
-        for start in range(0, len(order), self.max_batch_size):
-            idx = order[start : start + self.max_batch_size]
-            batch_scores = self._score_batch([encoded[i] for i in idx], [names[i] for i in idx])
-            for i, score in zip(idx, batch_scores):
-                scores[i] = score
+        chunk: list[tuple[tuple[int, ...], str | None]] = []
+        rows = 0
+        for key in keys + [None]:
+            # A chunk holds whole groups and at most max_batch_size continuations.
+            if chunk and (key is None or rows + len(groups[key]) > self.max_batch_size):
+                members = [groups[k] for k in chunk]
+                values = self._score_shared(
+                    [list(k[0]) for k in chunk], [[encoded[i][1] for i in m] for m in members], [k[1] for k in chunk]
+                )
+                for m, vals in zip(members, values):
+                    for i, value in zip(m, vals):
+                        scores[i] = value
+                chunk, rows = [], 0
+            if key is not None:
+                chunk.append(key)
+                rows += len(groups[key])
         return scores
 
-    def _score_batch(
-        self, pairs: list[tuple[list[int], list[int]]], names: list[str | None]
-    ) -> list[float]:
-        seqs = [(ctx + cont)[:-1] for ctx, cont in pairs]
-        width = max(map(len, seqs))
+    def _score_shared(
+        self, contexts: list[list[int]], continuations: list[list[list[int]]], names: list[str | None]
+    ) -> list[list[float]]:
+        """Score continuations[b][j] after contexts[b]; -> the same nesting of log-probabilities."""
+        width = max(map(len, contexts))
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=self.device)
         # Left padding: positions must count real tokens only.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        keep = max(len(cont) for _, cont in pairs)
-        logits = self.model(
+        out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            logits_to_keep=keep,
+            use_cache=True,
+            logits_to_keep=1,
             **self._adapter_kwargs(names),
-        ).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        scores = []
-        for row, (_, cont) in enumerate(pairs):
-            target = torch.tensor(cont, device=self.device)
-            picked = logprobs[row, keep - len(cont) :].gather(1, target[:, None])
-            scores.append(float(picked.sum()))
-        return scores
+        )
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        rows = [(b, cont) for b, conts in enumerate(continuations) for cont in conts]
+        scores = [float(first[b, cont[0]]) for b, cont in rows]
+        longest = max(len(cont) for _, cont in rows)
+        if longest > 1:
+            # Every continuation after its context's cache: tokens 1.. are scored here.
+            index = torch.tensor([b for b, _ in rows], device=self.device)
+            cache = out.cache
+            cache.batch_select_indices(index)
+            steps = longest - 1
+            cont_ids = torch.tensor([cont[:-1] + [pad] * (longest - len(cont)) for _, cont in rows], device=self.device)
+            cont_mask = torch.tensor(
+                [[1] * (len(cont) - 1) + [0] * (longest - len(cont)) for _, cont in rows], device=self.device
+            )
+            lengths = mask.sum(dim=1)[index]
+            cont_positions = lengths[:, None] + torch.arange(steps, device=self.device)[None, :]
+            logits = self.model(
+                input_ids=cont_ids,
+                attention_mask=torch.cat([mask[index], cont_mask], dim=1),
+                position_ids=cont_positions,
+                cache=cache,
+                use_cache=True,
+                **self._adapter_kwargs([names[b] for b, _ in rows]),
+            ).logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for r, (_, cont) in enumerate(rows):
+                if len(cont) > 1:
+                    target = torch.tensor(cont[1:], device=self.device)
+                    scores[r] += float(logprobs[r, : len(cont) - 1].gather(1, target[:, None]).sum())
+        grouped, k = [], 0
+        for conts in continuations:
+            grouped.append(scores[k : k + len(conts)])
+            k += len(conts)
+        return grouped
 
     @property
     def num_parameters(self) -> int:

@@ -33,7 +33,7 @@ from selfspec.io import (
 from selfspec.models import SamplingParams
 from selfspec.schema import Example, content_id, example_schema, to_alpaca, to_messages
 from selfspec.seeds import SeedSet, find_seed_file, load_seeds
-from selfspec.stages.generate_instructions import instruction_drop_reason, make_prompt_rows, parse_tasks
+from selfspec.stages.generate_instructions import ITEM_END_STOPS, instruction_drop_reason, make_prompt_rows, parse_tasks
 from selfspec.stages.generate_responses import RESPONSE_STOPS, clean_response, response_drop_reason, response_rows
 
 ADAPTER_NAME = "specialized"
@@ -141,7 +141,7 @@ def run_round(
         temperature=gen.temperature,
         top_p=gen.top_p,
         max_new_tokens=gen.instruction_max_new_tokens,
-        stop=(f"\n{next_number}.", f"\n{next_number} ."),
+        stop=(f"\n{next_number}.", f"\n{next_number} .", *(ITEM_END_STOPS if gen.instructions_per_prompt == 1 else ())),
         seed=gen.seed,
     )
     raw = _map(prompts, functools.partial(write_instructions, params=params, adapter=adapter), config, executor, adapters, f"round {round}: instructions")

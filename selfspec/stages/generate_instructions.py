@@ -27,6 +27,9 @@ PROMPT_HEADER = (
 
 ITEM_SPLIT = re.compile(r"\n\s*(?:\d+\s*[.)]\s*)?Instruction\s*:", re.IGNORECASE)
 INPUT_SPLIT = re.compile(r"\n\s*Input\s*:", re.IGNORECASE)
+# The demos show no outputs, so a model that writes one has finished the task's
+# instruction and input: with one task per prompt, generation stops there.
+ITEM_END_STOPS = ("\nOutput:", "\nResponse:", "\nAnswer:")
 OUTPUT_SPLIT = re.compile(r"\n\s*(?:Output|Response|Answer)\s*:", re.IGNORECASE)
 
 
@@ -72,12 +75,15 @@ def parse_tasks(completion: str, truncated: bool) -> list[dict[str, Any]]:
     """Split the continuation of "N. Instruction:" into items.
 
     Returns dicts with instruction, input and `error` (None, "unparseable" or
-    "truncated": the last item of a completion cut by the token limit).
+    "truncated": the last item of a completion cut by the token limit, unless an
+    "Output:" line shows that its instruction and input were finished).
     """
-    pieces = ITEM_SPLIT.split("\n" + completion.lstrip(" "))
+    pieces = [p for p in ITEM_SPLIT.split("\n" + completion.lstrip(" ")) if p.strip()]
     items = []
-    for position, piece in enumerate(p for p in pieces if p.strip()):
-        body = OUTPUT_SPLIT.split(piece)[0]
+    for position, piece in enumerate(pieces):
+        body, *answer = OUTPUT_SPLIT.split(piece, maxsplit=1)
+        # An item followed by an "Output:" line or by the next item was written in full.
+        complete = bool(answer) or position < len(pieces) - 1
         parts = INPUT_SPLIT.split(body, maxsplit=1)
         instruction = parts[0]
         input = parts[1] if len(parts) > 1 else ""
@@ -89,9 +95,9 @@ def parse_tasks(completion: str, truncated: bool) -> list[dict[str, Any]]:
         error = None
         if not instruction:
             error = "unparseable"
+        if error is None and truncated and not complete:
+            error = "truncated"
         items.append({"instruction": instruction, "input": input, "error": error, "position": position})
-    if truncated and items:
-        items[-1]["error"] = "truncated"
     if not items:
         items.append({"instruction": "", "input": "", "error": "unparseable", "position": 0})
     return items
