@@ -239,6 +239,19 @@ class PipelineConfig(StageConfig):
     rounds: int = Field(1, ge=1)
 
 
+# Settings that change where and how fast a stage runs, not what it produces.
+SCALE_ONLY_KEYS: dict[str, set[str]] = {
+    "model": {"max_batch_size", "num_threads", "gpu_memory_utilization", "tensor_parallel_size"},
+    "generate": {"replicas", "num_cpus_per_replica", "num_gpus_per_replica"},
+    "train": {"cpus_per_worker", "max_failures", "checkpoint_every"},
+    "eval": {"replicas", "batch_size", "num_cpus_per_replica", "num_gpus_per_replica"},
+    "retrieval": {
+        "replicas", "encode_replicas", "encode_batch_size", "query_batch_size",
+        "num_cpus_per_encoder", "num_gpus_per_encoder", "num_cpus_per_retriever",
+    },
+}
+
+
 class RunConfig(StageConfig):
     """The whole run: a name, a run directory root and one section per stage."""
 
@@ -253,9 +266,15 @@ class RunConfig(StageConfig):
     pipeline: PipelineConfig = PipelineConfig()
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections (all when none), for resume checks."""
+        """Stable hash of the named sections (all when none), for resume checks.
+
+        Keys that only set scale (replicas, workers' CPUs and GPUs, batch sizes) are left
+        out, so a run resumes on a bigger or smaller cluster."""
         data = self.model_dump(mode="json")
-        picked = {k: data[k] for k in (sections or data)}
+        picked = {
+            k: {f: v for f, v in data[k].items() if f not in SCALE_ONLY_KEYS.get(k, ())} if isinstance(data[k], dict) else data[k]
+            for k in (sections or data)
+        }
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
 
 

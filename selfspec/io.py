@@ -64,9 +64,12 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """Short sha256 of a local file's content."""
+    """Short sha256 of a file's content (a local path or a `pyarrow.fs` URI)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    if _is_uri(str(path)):
+        h.update(read_bytes(path))
+        return h.hexdigest()[:16]
+    with open(str(path).removeprefix("file://"), "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()[:16]

@@ -101,7 +101,8 @@ def run_pipeline(config: RunConfig, executor: str = "ray") -> dict[str, Any]:
             train_fp = _digest([cfg.section_hash("model", "train"), data_fp])
             summary = run_stage(
                 ledger, f"train-r{round}", train_fp, [],
-                lambda: run_train(cfg, run_dir, round=round),
+                # A training run killed midway continues from its latest checkpoint.
+                lambda: run_train(cfg, run_dir, round=round, resume="auto"),
             )
             adapter = summary["adapter"]
             ledger.state["stages"][f"train-r{round}"]["outputs"] = [adapter]

@@ -18,7 +18,9 @@ def init_ray(num_cpus: int | None = None) -> str:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        kwargs = {"address": address} if address else {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": False}
+        # A local runtime gets its dashboard on loopback: Ray Train's state queries need it.
+        local = {"num_cpus": num_cpus or os.cpu_count(), "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+        kwargs = {"address": address} if address else local
         ray.init(ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
     quiet_ray_data()
     return "ray"
@@ -32,3 +34,5 @@ def quiet_ray_data() -> None:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data warns once that its bars are off: that is what this function is for.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

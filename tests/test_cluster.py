@@ -6,7 +6,9 @@
   authentication: the job succeeds and its run directory holds data, adapter, metrics
   and report;
 - SIGKILL of `selfspec run` mid-stage, twice, then a rerun: it completes, finished work
-  is not redone, and the final dataset has no lost or duplicated examples.
+  is not redone, and the final dataset has no lost or duplicated examples;
+- autoscaling on Ray's fake multi-node provider: a head with no CPUs and no workers
+  scales out for the pipeline's actors and train workers, then back in when idle.
 
 Clusters run on 127.0.0.1 with their own token and ports (tests/ray_local_cluster.py) and
 are always torn down, process group by process group, even when a test fails.
@@ -18,13 +20,15 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from ray_local_cluster import BIN, REPO, LocalRayCluster
+from ray_local_cluster import BIN, HOST, REPO, LocalRayCluster, free_port
 from selfspec.io import write_parquet
 from selfspec.schema import example_schema
 
@@ -270,3 +274,51 @@ def test_sigkill_mid_stage_then_rerun_resumes(cluster_factory, tmp_path):
     assert [s["round"] for s in manifest["shards"]] == list(range(1, len(manifest["shards"]) + 1))
     assert (Path(ledger()["train-r1"]["outputs"][0]) / "adapter_model.safetensors").exists()
     print(f"kill and resume: {time.monotonic() - started:.0f}s, shards {list(after_second)}")
+
+
+# -- autoscaling -------------------------------------------------------------------------
+def test_pipeline_scales_out_from_zero_workers_and_back_in(cluster_factory, tmp_path):
+    started = time.monotonic()
+    config = yaml.safe_load((REPO / "cluster" / "local_fake_autoscaler.yaml").read_text())
+    port = free_port()
+    config["provider"]["gcs_address"] = f"{HOST}:{port}"
+    autoscaling = tmp_path / "autoscaler.yaml"
+    autoscaling.write_text(yaml.safe_dump(config))
+    cluster = cluster_factory(head_cpus=0, autoscaling_config=autoscaling, port=port)
+    (head,) = cluster.alive_nodes()  # zero workers: nothing can run until the autoscaler adds nodes
+    assert head["head"] and head["cpus"] == 0
+
+    seen: dict[str, dict] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update((n["id"], n) for n in cluster.alive_nodes())
+            done.wait(2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    runs = tmp_path / "runs"
+    try:
+        run_job_module(
+            cluster, "pipeline", "--config", "default", "name=autoscaled", f"runs_dir={runs}",
+            "pipeline.stages=[generate,train]", "generate.target=2", "generate.max_rounds=6",
+            *TINY_GENERATE, *TINY_TRAIN, timeout=2400,
+        )
+    finally:
+        done.set()
+        watcher.join(timeout=30)
+    launched = {i for i, n in seen.items() if not n["head"]}
+    assert 1 <= len(launched) <= config["max_workers"], seen
+
+    # The work ran on the nodes the autoscaler launched, never on the CPU-less head.
+    generation = json.loads((runs / "autoscaled" / "data" / "summary.json").read_text())
+    assert generation["node_ids"] and set(generation["node_ids"]) <= launched
+    (adapter,) = (runs / "autoscaled" / "adapters").iterdir()
+    training = json.loads((adapter / "selfspec.json").read_text())["train"]
+    assert set(training["node_ids"]) <= launched
+
+    # Idle workers go away after idle_timeout_minutes; the head stays.
+    remaining = cluster.wait_for_nodes(1, timeout=600, at_most=True)
+    assert [n["id"] for n in remaining] == [head["id"]]
+    print(f"autoscaling: launched {len(launched)} nodes, back to the head in {time.monotonic() - started:.0f}s")

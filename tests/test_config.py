@@ -62,3 +62,12 @@ def test_configs_are_frozen():
     config = load_config("default")
     with pytest.raises(Exception):
         config.generate.target = 3  # type: ignore[misc]
+
+
+def test_scale_only_keys_leave_the_resume_hash_alone():
+    base = load_config("default")
+    bigger = load_config("default", ["generate.replicas=8", "generate.num_gpus_per_replica=1", "eval.replicas=4", "train.cpus_per_worker=8"])
+    assert base.section_hash("model", "generate", "retrieval") == bigger.section_hash("model", "generate", "retrieval")
+    assert base.section_hash("model", "eval") == bigger.section_hash("model", "eval")
+    changed = load_config("default", ["generate.temperature=0.7"])
+    assert base.section_hash("model", "generate") != changed.section_hash("model", "generate")

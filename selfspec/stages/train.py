@@ -33,8 +33,17 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from selfspec.config import ConfigError, RunConfig, TrainConfig
-from selfspec.io import RunDir, atomic_write_bytes, atomic_write_text, exists, run_dir_for, write_json, write_jsonl
+from selfspec.config import SCALE_ONLY_KEYS, ConfigError, RunConfig, TrainConfig
+from selfspec.io import (
+    RunDir,
+    atomic_write_bytes,
+    atomic_write_text,
+    exists,
+    file_digest,
+    run_dir_for,
+    write_json,
+    write_jsonl,
+)
 from selfspec.schema import user_message
 
 IGNORE_INDEX = -100
@@ -43,7 +52,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 # Changing these between a run and its resume keeps the step sequence valid.
-RESUMABLE_CHANGES = {"cpus_per_worker", "max_failures", "checkpoint_every"}
+RESUMABLE_CHANGES = SCALE_ONLY_KEYS["train"]
 
 
 # -- 1. data ------------------------------------------------------------------
@@ -593,30 +602,37 @@ def examples_domain(path: str) -> tuple[str, int]:
     return (domains[0] if len(domains) == 1 else "mixed"), len(column)
 
 
-def resume_fingerprint(config: RunConfig) -> dict[str, Any]:
+def resume_fingerprint(config: RunConfig, examples_digest: str) -> dict[str, Any]:
     """What must match between a run and its resume for the step sequence to stay valid."""
     train = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
-    return {"model": config.model.ref, "train": train}
+    return {"model": config.model.ref, "train": train, "examples": examples_digest}
 
 
-def _prepare_storage(run_path: str, fingerprint: dict[str, Any], resume: bool) -> bool:
-    """Start the Ray run folder afresh, or check it belongs to this config; -> resuming?"""
+def _prepare_storage(run_path: str, fingerprint: dict[str, Any], resume: bool | str) -> bool:
+    """Start the Ray run folder afresh, or check it belongs to this config; -> resuming?
+
+    `resume=True` continues the run folder or fails naming what changed; `"auto"` (the
+    pipeline) continues it when nothing changed and starts over otherwise.
+    """
     stamp = f"{run_path}/selfspec-train.json"
     if resume and exists(stamp):
         from selfspec.io import read_json
 
         saved = read_json(stamp)
-        if saved != fingerprint:
+        if saved == fingerprint:
+            return True
+        if resume != "auto":
             changed = sorted(
                 k for k in fingerprint["train"] if saved.get("train", {}).get(k) != fingerprint["train"][k]
             )
             if saved.get("model") != fingerprint["model"]:
                 changed.insert(0, "model.ref")
+            if saved.get("examples") != fingerprint["examples"]:
+                changed.append("the examples (data/examples.parquet)")
             raise ConfigError(
                 f"cannot resume {run_path}: config changed since it started ({', '.join(changed)}); "
                 "train without --resume to start over"
             )
-        return True
     if "://" not in run_path:
         # A fresh run must not pick up old checkpoints (Ray restores a run folder it finds).
         shutil.rmtree(run_path, ignore_errors=True)
@@ -628,7 +644,7 @@ def _prepare_storage(run_path: str, fingerprint: dict[str, Any], resume: bool) -
 def run_train(
     config: RunConfig,
     run_dir: RunDir,
-    resume: bool = False,
+    resume: bool | str = False,
     round: int = 1,
     fail_at_step: int | None = None,
 ) -> dict[str, Any]:
@@ -636,7 +652,8 @@ def run_train(
 
     Checkpoints go to `run_dir/train/<domain>-r<round>/`, metrics to
     `run_dir/train/metrics.jsonl`, the adapter to `run_dir/adapters/<domain>-r<round>/`.
-    `resume` continues from the latest checkpoint. `fail_at_step` raises once at that
+    `resume` continues from the latest checkpoint (`"auto"`: when config and data are
+    unchanged, else start over). `fail_at_step` raises once at that
     step (fault-tolerance tests). Needs a running Ray. -> the train summary.
     """
     cfg = config.train
@@ -649,7 +666,8 @@ def run_train(
     domain, _ = examples_domain(examples_path)
     name = f"{domain}-r{round}"
     storage = _local_or_uri(run_dir.path("train"))
-    resuming = _prepare_storage(f"{storage}/{name}", resume_fingerprint(config), resume)
+    fingerprint = resume_fingerprint(config, file_digest(examples_path))
+    resuming = _prepare_storage(f"{storage}/{name}", fingerprint, resume)
 
     # Read before the workers start: the workers hold the CPUs, so Ray Data tasks
     # scheduled afterwards would wait for them forever.
