@@ -6,7 +6,8 @@
   authentication: the job succeeds and its run directory holds data, adapter, metrics
   and report;
 - SIGKILL of `selfspec run` mid-stage, twice, then a rerun: it completes, finished work
-  is not redone, and the final dataset has no lost or duplicated examples;
+  is not redone, training continues from its checkpoint, and the final dataset has no
+  lost or duplicated examples;
 - autoscaling on Ray's fake multi-node provider: a head with no CPUs and no workers
   scales out for the pipeline's actors and train workers, then back in when idle.
 
@@ -220,6 +221,7 @@ def test_sigkill_mid_stage_then_rerun_resumes(cluster_factory, tmp_path):
     args = [
         "--config", "default", "name=killed", f"runs_dir={runs}", "pipeline.stages=[generate,train]",
         f"generate.target={target}", "generate.max_rounds=8", *TINY_GENERATE, *TINY_TRAIN,
+        "train.max_steps=4",  # room to kill between the first checkpoint and the end
     ]
     root = runs / "killed"
     shards = root / "data" / "shards"
@@ -238,15 +240,12 @@ def test_sigkill_mid_stage_then_rerun_resumes(cluster_factory, tmp_path):
     after_first = shard_state()
     assert "train-r1" not in ledger()
 
-    # 2. Killed inside training (its run folder freshly stamped), once generation is recorded.
-    second_started = time.time_ns()
-
-    def training_started() -> bool:
-        stamps = (root / "train").glob("*/selfspec-train.json")
-        return "generate-r1" in ledger() and any(p.stat().st_mtime_ns > second_started for p in stamps)
+    # 2. Killed inside training, once generation is recorded and the first checkpoint is written.
+    def training_checkpointed() -> bool:
+        return "generate-r1" in ledger() and any((root / "train").glob("*/checkpoint-000001/adapter_model.safetensors"))
 
     second = PipelineRun(cluster, args, tmp_path / "run2.log")
-    assert second.kill_when(training_started, timeout=2400), (
+    assert second.kill_when(training_checkpointed, timeout=2400), (
         "run 2 finished before it could be killed"
     )
     after_second = shard_state()
@@ -272,7 +271,11 @@ def test_sigkill_mid_stage_then_rerun_resumes(cluster_factory, tmp_path):
     assert len({r["id"] for r in final}) == target
     assert [r["id"] for r in final] == [r["id"] for r in shard_rows[:target]]
     assert [s["round"] for s in manifest["shards"]] == list(range(1, len(manifest["shards"]) + 1))
-    assert (Path(ledger()["train-r1"]["outputs"][0]) / "adapter_model.safetensors").exists()
+    adapter = Path(ledger()["train-r1"]["outputs"][0])
+    assert (adapter / "adapter_model.safetensors").exists()
+    # Training went on from the checkpoint the kill left, not from step 0.
+    trained = json.loads((adapter / "selfspec.json").read_text())["train"]
+    assert trained["resumed"] and trained["restored_from_steps"] and trained["restored_from_steps"][0] >= 1, trained
     print(f"kill and resume: {time.monotonic() - started:.0f}s, shards {list(after_second)}")
 
 
