@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine with only Python 3.11:
 #   make run   - create .venv, install, run the whole pipeline on the embedded model
 #   make test  - create .venv, install, run the fast test suite
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -32,6 +34,16 @@ test-slow: setup
 
 test-e2e: setup
 	$(BIN)/python -m pytest -m e2e $(ARGS)
+
+# Every benchmark, side by side with its plain alternative; outputs go to benchmarks/results/.
+SHARED_DATA ?= $(or $(SELFSPEC_SHARED_DATA),../shared/data)
+bench: setup
+	mkdir -p benchmarks/results
+	$(BIN)/python benchmarks/generation_throughput.py | tee benchmarks/results/generation_throughput.txt
+	$(BIN)/python benchmarks/generation_pipeline.py | tee benchmarks/results/generation_pipeline.txt
+	$(BIN)/python benchmarks/train_throughput.py | tee benchmarks/results/train_throughput.txt
+	$(BIN)/python benchmarks/retrieval_quality.py --data $(SHARED_DATA)/biomedical/pubmedqa | tee benchmarks/results/retrieval_quality.txt
+	$(BIN)/python benchmarks/serving_throughput.py | tee benchmarks/results/serving_throughput.txt
 
 clean:
 	rm -rf $(VENV) runs
