@@ -79,7 +79,7 @@ def test_shared_context_scoring_equals_scoring_each_whole_sequence(fp32_backend)
     requests = [(c, label) for c in contexts for label in ("yes", "no", "maybe", " Paris, the city of light")]
     shared = fp32_backend.loglikelihood(requests)
     for (context, continuation), value in zip(requests, shared):
-        ctx_ids, cont_ids = fp32_backend._split_request(context, continuation)
+        ctx_ids, cont_ids = fp32_backend.split_request(context, continuation)
         with torch.inference_mode():
             logits = fp32_backend.model(input_ids=torch.tensor([ctx_ids + cont_ids])).logits[0].float()
         logprobs = torch.log_softmax(logits, dim=-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 from selfspec.models.resolve import ModelNotFoundError, resolve_model
 
@@ -19,6 +19,13 @@ Prompt = Union[str, list[Message]]
 AdapterSpec = Union[None, str, Sequence[Union[str, None]]]
 
 BASE_ADAPTER = "__base__"
+PLAIN_ROLES = {"system": "### System:", "user": "### Instruction:", "assistant": "### Response:"}
+
+
+def render_plain(messages: list[Message]) -> str:
+    """Alpaca-style text for models without a chat template (pretrained bases)."""
+    parts = [f"{PLAIN_ROLES.get(m['role'], '### ' + m['role'].title() + ':')}\n{m['content']}" for m in messages]
+    return "\n\n".join(parts) + "\n\n### Response:\n"
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,19 @@ class ModelBackend(ABC):
     model_ref: str
     chat: bool
     adapter_paths: dict[str, str] = field(default_factory=dict)
+    tokenizer: Any = None
+
+    def render(self, prompt: Prompt) -> str:
+        """Plain strings pass through; message lists get the chat or plain template."""
+        if isinstance(prompt, str):
+            return prompt
+        if self.chat:
+            return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return render_plain(prompt)
+
+    def count_tokens(self, prompt: Prompt) -> int:
+        """Number of tokens the rendered prompt takes."""
+        return len(self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"])
 
     @abstractmethod
     def generate(
@@ -69,9 +89,16 @@ class ModelBackend(ABC):
     def load_adapter(self, name: str, path: str) -> None:
         """Make a PEFT adapter directory available under `name`."""
 
-    @abstractmethod
-    def count_tokens(self, prompt: Prompt) -> int:
-        """Number of tokens the rendered prompt takes."""
+    def split_request(self, context: Prompt, continuation: str) -> tuple[list[int], list[int]]:
+        """-> (context ids, continuation ids), tokenized apart as lm-evaluation-harness does."""
+        ctx = self.render(context)
+        # Trailing spaces belong to the continuation (as lm-evaluation-harness does).
+        stripped = ctx.rstrip(" ")
+        ctx_ids = self.tokenizer(stripped, add_special_tokens=False)["input_ids"]
+        cont_ids = self.tokenizer(ctx[len(stripped) :] + continuation, add_special_tokens=False)["input_ids"]
+        if not ctx_ids or not cont_ids:
+            raise ValueError("loglikelihood needs a non-empty context and continuation")
+        return ctx_ids, cont_ids
 
     def unload_adapter(self, name: str) -> None:
         self.adapter_paths.pop(name, None)

@@ -23,7 +23,6 @@ from selfspec.models import (
 )
 from selfspec.models.resolve import resolve_model
 
-PLAIN_ROLES = {"system": "### System:", "user": "### Instruction:", "assistant": "### Response:"}
 
 
 def cpu_has_bf16() -> bool:
@@ -44,12 +43,6 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-def render_plain(messages: list[dict[str, str]]) -> str:
-    """Alpaca-style text for models without a chat template (pretrained bases)."""
-    parts = [f"{PLAIN_ROLES.get(m['role'], '### ' + m['role'].title() + ':')}\n{m['content']}" for m in messages]
-    return "\n\n".join(parts) + "\n\n### Response:\n"
-
-
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -58,7 +51,6 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 @dataclass
 class TransformersBackend(ModelBackend):
     model: Any = None
-    tokenizer: Any = None
     device: str = "cpu"
     max_batch_size: int = 64
     _peft: bool = field(default=False, repr=False)
@@ -88,18 +80,6 @@ class TransformersBackend(ModelBackend):
             device=device,
             max_batch_size=config.max_batch_size,
         )
-
-    # -- prompts -------------------------------------------------------------
-    def render(self, prompt: Prompt) -> str:
-        """Plain strings pass through; message lists get the chat or plain template."""
-        if isinstance(prompt, str):
-            return prompt
-        if self.chat:
-            return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        return render_plain(prompt)
-
-    def count_tokens(self, prompt: Prompt) -> int:
-        return len(self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"])
 
     # -- adapters ------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
@@ -195,16 +175,6 @@ class TransformersBackend(ModelBackend):
         return completions
 
     # -- scoring -------------------------------------------------------------
-    def _split_request(self, context: Prompt, continuation: str) -> tuple[list[int], list[int]]:
-        ctx = self.render(context)
-        # Trailing spaces belong to the continuation (as lm-evaluation-harness does).
-        stripped = ctx.rstrip(" ")
-        ctx_ids = self.tokenizer(stripped, add_special_tokens=False)["input_ids"]
-        cont_ids = self.tokenizer(ctx[len(stripped) :] + continuation, add_special_tokens=False)["input_ids"]
-        if not ctx_ids or not cont_ids:
-            raise ValueError("loglikelihood needs a non-empty context and continuation")
-        return ctx_ids, cont_ids
-
     @torch.inference_mode()
     def loglikelihood(
         self, requests: Sequence[tuple[Prompt, str]], adapters: AdapterSpec = None
@@ -212,7 +182,7 @@ class TransformersBackend(ModelBackend):
         """Requests with the same context and adapter (the labels of one question) share
         one forward pass over the context; each continuation then runs on its KV cache."""
         names = self.per_prompt_adapters(adapters, len(requests))
-        encoded = [self._split_request(ctx, cont) for ctx, cont in requests]
+        encoded = [self.split_request(ctx, cont) for ctx, cont in requests]
         groups: dict[tuple[tuple[int, ...], str | None], list[int]] = {}
         for i, (ctx_ids, _) in enumerate(encoded):
             groups.setdefault((tuple(ctx_ids), names[i]), []).append(i)

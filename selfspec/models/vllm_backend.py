@@ -9,14 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from selfspec.models import AdapterSpec, Completion, ModelBackend, Prompt, SamplingParams
-from selfspec.models.hf_backend import render_plain
 from selfspec.models.resolve import resolve_model
 
 
 @dataclass
 class VLLMBackend(ModelBackend):
     llm: Any = None
-    tokenizer: Any = None
     _lora_ids: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -39,16 +37,6 @@ class VLLMBackend(ModelBackend):
             config.prompt_format == "auto" and bool(getattr(tokenizer, "chat_template", None))
         )
         return cls(model_ref=config.ref, chat=chat, llm=llm, tokenizer=tokenizer)
-
-    def render(self, prompt: Prompt) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        if self.chat:
-            return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        return render_plain(prompt)
-
-    def count_tokens(self, prompt: Prompt) -> int:
-        return len(self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"])
 
     def load_adapter(self, name: str, path: str) -> None:
         self.adapter_paths[name] = path
@@ -103,10 +91,7 @@ class VLLMBackend(ModelBackend):
         names = self.per_prompt_adapters(adapters, len(requests))
         prompts, spans = [], []
         for context, continuation in requests:
-            ctx = self.render(context)
-            stripped = ctx.rstrip(" ")
-            ctx_ids = self.tokenizer(stripped, add_special_tokens=False)["input_ids"]
-            cont_ids = self.tokenizer(ctx[len(stripped) :] + continuation, add_special_tokens=False)["input_ids"]
+            ctx_ids, cont_ids = self.split_request(context, continuation)
             prompts.append({"prompt_token_ids": ctx_ids + cont_ids})
             spans.append((len(ctx_ids), cont_ids))
         sampling = VSamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)

@@ -67,7 +67,7 @@ def resolve_template(requested: str, tokenizer) -> str:
 
 def render_example(example: dict[str, Any], tokenizer, template: str) -> tuple[str, str]:
     """Split an example into (prompt, response) text; the prompt is what inference feeds the model."""
-    from selfspec.models.hf_backend import render_plain
+    from selfspec.models import render_plain
 
     user = [{"role": "user", "content": user_message(example["instruction"], example.get("input") or "")}]
     eos_reply = example["output"] + (tokenizer.eos_token or "")
