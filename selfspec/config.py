@@ -144,7 +144,7 @@ class ServeConfig(StageConfig):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    # Clients send `Authorization: Bearer KEY`; unset means no key (SELFSPEC_API_KEY is read by `selfspec serve`).
+    # Clients send `Authorization: Bearer KEY`; unset falls back to SELFSPEC_API_KEY, then to no key.
     api_key: str | None = None
     # Glob patterns; each match is an adapter directory or a folder of them (not searched deeper).
     adapter_dirs: list[str] = ["runs/*/adapters"]

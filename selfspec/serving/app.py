@@ -416,6 +416,12 @@ def with_env_api_key(config: RunConfig) -> RunConfig:
     return config.model_copy(update={"serve": config.serve.model_copy(update={"api_key": key})})
 
 
+def warn_if_exposed(limits) -> None:
+    """A server reachable beyond loopback without a key is everyone's server: say so."""
+    if limits.host not in ("127.0.0.1", "localhost", "::1") and not limits.api_key:
+        print(f"selfspec serve: warning: listening on {limits.host} without an API key", file=sys.stderr)
+
+
 def app_builder(args: dict[str, Any]):
     """Import path for `serve run` and RayService: args `config` (name or file) and
     `overrides` (a list of `key=value`). SELFSPEC_API_KEY sets the key when the config has none."""
@@ -432,8 +438,7 @@ def cli(config: RunConfig, args) -> int:
 
     config = with_env_api_key(config)
     limits = config.serve
-    if limits.host not in ("127.0.0.1", "localhost", "::1") and not limits.api_key:
-        print(f"selfspec serve: warning: listening on {limits.host} without an API key", file=sys.stderr)
+    warn_if_exposed(limits)
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True)
     serve.start(http_options={"host": limits.host, "port": limits.port})
