@@ -17,11 +17,12 @@ from ray_jobs._entry import main
 def deploy(config, args) -> int:
     from ray import serve
 
-    from selfspec.serving.app import APP_NAME, app_builder, warn_if_exposed, with_env_api_key
+    from selfspec.serving.app import APP_NAME, build_app, warn_if_exposed, with_env_api_key
 
-    warn_if_exposed(with_env_api_key(config).serve)
+    config = with_env_api_key(config)
+    warn_if_exposed(config.serve)
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    serve.run(app_builder({"config": args.config, "overrides": args.overrides}), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     print(f"[ray_jobs.serve] application '{APP_NAME}' running at http://{config.serve.host}:{config.serve.port}/v1")
     return 0
 
