@@ -131,11 +131,14 @@ def test_generation_and_training_spread_over_nodes(cluster_factory, tmp_path):
 
 # -- ray job submit --------------------------------------------------------------------
 def job_status(cluster: LocalRayCluster, job_id: str) -> str:
-    out = cluster.run(str(BIN / "ray"), "job", "status", "--address", cluster.dashboard, job_id, timeout=120)
-    for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if status in out.stdout:
-            return status
-    return "UNKNOWN"
+    # The SDK, not `ray job status` text: the CLI prints "Job 'x' succeeded", not the enum name.
+    # Run in the cluster's env so it authenticates exactly like the CLI calls above.
+    probe = (
+        "import sys; from ray.job_submission import JobSubmissionClient; "
+        "print(JobSubmissionClient(sys.argv[1]).get_job_status(sys.argv[2]).value)"
+    )
+    out = cluster.run(str(BIN / "python"), "-c", probe, cluster.dashboard, job_id, timeout=120)
+    return out.stdout.strip().splitlines()[-1]
 
 
 def test_pipeline_job_submission_with_token_auth(cluster_factory, tmp_path):
@@ -161,7 +164,7 @@ def test_pipeline_job_submission_with_token_auth(cluster_factory, tmp_path):
     )
     deadline = time.monotonic() + 2400
     status = job_status(cluster, job_id)
-    while status in ("PENDING", "RUNNING", "UNKNOWN") and time.monotonic() < deadline:
+    while status in ("PENDING", "RUNNING") and time.monotonic() < deadline:
         time.sleep(10)
         status = job_status(cluster, job_id)
     logs = cluster.run(ray, "job", "logs", "--address", cluster.dashboard, job_id, timeout=120, check=False).stdout
