@@ -243,9 +243,19 @@ def test_sigkill_mid_stage_then_rerun_resumes(cluster_factory, tmp_path):
     after_first = shard_state()
     assert "train-r1" not in ledger()
 
-    # 2. Killed inside training, once generation is recorded and the first checkpoint is written.
+    # 2. Killed inside training, once generation is recorded and Ray Train has registered a
+    #    checkpoint. A checkpoint folder alone is not enough: Ray restores only what its
+    #    checkpoint_manager_snapshot.json lists, and a kill before that write restarts at step 0.
     def training_checkpointed() -> bool:
-        return "generate-r1" in ledger() and any((root / "train").glob("*/checkpoint-000001/adapter_model.safetensors"))
+        if "generate-r1" not in ledger():
+            return False
+        for snapshot in (root / "train").glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                    return True
+            except (OSError, ValueError):  # caught mid-write
+                pass
+        return False
 
     second = PipelineRun(cluster, args, tmp_path / "run2.log")
     assert second.kill_when(training_checkpointed, timeout=2400), (
