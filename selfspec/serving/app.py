@@ -416,7 +416,7 @@ def with_env_api_key(config: RunConfig) -> RunConfig:
     return config.model_copy(update={"serve": config.serve.model_copy(update={"api_key": key})})
 
 
-def warn_if_exposed(limits) -> None:
+def warn_if_exposed(limits: ServeConfig) -> None:
     """A server reachable beyond loopback without a key is everyone's server: say so."""
     if limits.host not in ("127.0.0.1", "localhost", "::1") and not limits.api_key:
         print(f"selfspec serve: warning: listening on {limits.host} without an API key", file=sys.stderr)
