@@ -60,6 +60,9 @@ def test_instruction_filters_give_a_reason(instruction, input, reason):
 def test_response_filters():
     assert response_drop_reason("", "stop") == "empty_response"
     assert response_drop_reason("The answer is yes.", "length") == "truncated_response"
+    passage = "IJC tolerance in skin injury found in non human primates."
+    assert response_drop_reason(passage.upper() + "\n", "stop", passage) == "copied_input"
+    assert response_drop_reason("No.", "stop", passage) is None
     assert is_degenerate("the drug the drug the drug the drug the drug the drug the drug the drug")
     assert response_drop_reason("Metformin is a biguanide that lowers hepatic glucose output.", "stop") is None
 

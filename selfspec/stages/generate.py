@@ -186,7 +186,7 @@ def run_round(
     examples: list[Example] = []
     nodes = sorted({r.get("node_id", "local") for r in raw + answered})
     for row in sorted(answered, key=lambda r: r["id"]):
-        reason = response_drop_reason(row["output"], row["finish_reason"])
+        reason = response_drop_reason(row["output"], row["finish_reason"], row["input"])
         if reason:
             response_drops[reason] += 1
             continue

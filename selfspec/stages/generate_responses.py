@@ -43,9 +43,15 @@ def is_degenerate(text: str) -> bool:
     return len(set(words)) / len(words) < 0.25
 
 
-def response_drop_reason(text: str, finish_reason: str) -> str | None:
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def response_drop_reason(text: str, finish_reason: str, input: str = "") -> str | None:
     if not text.strip() or not re.search(r"\w", text):
         return "empty_response"
+    if input.strip() and _normalized(text) == _normalized(input):
+        return "copied_input"  # the model echoed the task's input instead of answering
     if finish_reason == "length":
         return "truncated_response"
     if is_degenerate(text):
