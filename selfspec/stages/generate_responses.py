@@ -11,6 +11,7 @@ import random
 import re
 from typing import Any
 
+from selfspec.metrics import normalize_entity
 from selfspec.schema import Seed, user_message
 
 # Plain-template models continue with the next "### Instruction:" block; stop there.
@@ -43,14 +44,10 @@ def is_degenerate(text: str) -> bool:
     return len(set(words)) / len(words) < 0.25
 
 
-def _normalized(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def response_drop_reason(text: str, finish_reason: str, input: str = "") -> str | None:
     if not text.strip() or not re.search(r"\w", text):
         return "empty_response"
-    if input.strip() and _normalized(text) == _normalized(input):
+    if input.strip() and normalize_entity(text) == normalize_entity(input):
         return "copied_input"  # the model echoed the task's input instead of answering
     if finish_reason == "length":
         return "truncated_response"
