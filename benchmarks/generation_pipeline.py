@@ -2,9 +2,12 @@
 
 Both runs generate the same target from the same seeds and config into fresh run
 directories; the only difference is the executor (Ray Data model actors vs one
-in-process model). Prints examples/s of each, the Ray overhead, and drops by reason.
+in-process model). Prints examples/s of each, the Ray overhead, drops by reason, and
+the fixed cost of starting one stage (a no-op map over 16 rows: actor start and model
+load under Ray, a model load in-process). Each round runs two stages, so the fixed
+cost weighs less as rounds grow with the target.
 
-    python benchmarks/generation_pipeline.py [--target 24] [key=value ...]
+    python benchmarks/generation_pipeline.py [--target 48] [key=value ...]
 """
 
 from __future__ import annotations
@@ -26,9 +29,28 @@ def run(executor: str, overrides: list[str]) -> tuple[dict, float]:
         return summary, time.perf_counter() - start
 
 
+def no_op(backend, rows):
+    return rows
+
+
+def stage_start_seconds(executor: str, overrides: list[str]) -> float:
+    from selfspec.config import load_config
+    from selfspec.execution import map_with_model
+
+    config = load_config("default", overrides)
+    rows = [{"id": str(i)} for i in range(16)]
+    start = time.perf_counter()
+    map_with_model(
+        rows, no_op, config.model, executor=executor, replicas=config.generate.replicas,
+        batch_size=config.generate.batch_size, num_cpus=config.generate.num_cpus_per_replica,
+        num_gpus=config.generate.num_gpus_per_replica,
+    )
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", type=int, default=24)
+    parser.add_argument("--target", type=int, default=48)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     overrides = [f"generate.target={args.target}", *args.overrides]
@@ -46,6 +68,13 @@ def main() -> None:
     local = results["local"][0]["counts"]["final_examples"] / results["local"][1]
     ray = results["ray"][0]["counts"]["final_examples"] / results["ray"][1]
     print(f"ray / local examples/s: {ray / local:.3f} (Ray overhead {1 - ray / local:+.1%}; goal under 10%)")
+    starts = {name: stage_start_seconds(name, args.overrides) for name in ("local", "ray")}
+    stages = 2 * results["ray"][0]["rounds"]
+    extra = results["ray"][1] - results["local"][1]
+    print(
+        f"fixed cost to start one stage: ray {starts['ray']:.1f}s, local {starts['local']:.1f}s; "
+        f"{stages} stages account for {stages * (starts['ray'] - starts['local']):.1f}s of the {extra:.1f}s difference"
+    )
     for name, (summary, _) in results.items():
         for stage, reasons in summary["drops"].items():
             text = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) or "none"

@@ -147,8 +147,8 @@ def main() -> int:
             },
         }
     )
-    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()  # after ray.init, whose processes take ports of their own
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     started = time.time()
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
