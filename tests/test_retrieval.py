@@ -210,7 +210,9 @@ def test_ray_actors_and_encoders_match_the_in_process_path(tmp_path, ray_local):
 
     config = grounding_config(tmp_path, "retrieval.method=hybrid", "retrieval.replicas=2", "retrieval.query_batch_size=3")
     texts = [d["text"] for d in DOCS] * 2
-    assert np.allclose(embed_passages(texts, config, "float32", "ray"), embed_passages(texts, config, "float32", "local"), atol=1e-6)
+    (on_ray, ray_seconds), (local, _) = embed_passages(texts, config, "float32", "ray"), embed_passages(texts, config, "float32", "local")
+    assert np.allclose(on_ray, local, atol=1e-6)
+    assert ray_seconds > 0
 
     seeds = load_seed_sets(config)[0]
     prompts = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, 8, 3, 0, 1)

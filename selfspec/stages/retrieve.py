@@ -106,11 +106,16 @@ class PassageEncoder:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         texts = [str(t) for t in batch["text"]]
-        return {"row": np.asarray(batch["row"]), "embedding": encode(self.model, texts, self.batch_size)}
+        started = time.perf_counter()
+        embedding = encode(self.model, texts, self.batch_size)
+        # Each row carries its share of the batch's encode time, so the rows sum to it.
+        seconds = np.full(len(texts), (time.perf_counter() - started) / max(len(texts), 1))
+        return {"row": np.asarray(batch["row"]), "embedding": embedding, "encode_seconds": seconds}
 
 
-def embed_passages(texts: list[str], config: RunConfig, dtype: str, executor: str = "ray") -> np.ndarray:
-    """Unit embeddings of `texts` in their order, computed by `encode_replicas` encoder actors."""
+def embed_passages(texts: list[str], config: RunConfig, dtype: str, executor: str = "ray") -> tuple[np.ndarray, float]:
+    """Unit embeddings of `texts` in their order, computed by `encode_replicas` encoder actors,
+    and the seconds the encoders spent encoding (summed over actors; no start-up or load)."""
     r = config.retrieval
     # Longest first: each batch holds texts of similar length, so little padding.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -141,7 +146,7 @@ def embed_passages(texts: list[str], config: RunConfig, dtype: str, executor: st
     for batch in batches:
         out = np.empty((len(texts), batch["embedding"].shape[1]), dtype=np.float32) if out is None else out
         out[batch["row"]] = batch["embedding"]
-    return out
+    return out, float(sum(batch["encode_seconds"].sum() for batch in batches))
 
 
 # -- build, check, load ---------------------------------------------------------------
@@ -168,7 +173,7 @@ def build_index(config: RunConfig, index_dir: str, executor: str = "ray") -> tup
     if "dense" in spec["components"]:
         t = time.perf_counter()
         dtype = encoder_dtype(config.retrieval.encoder_dtype)
-        embeddings = embed_passages(texts, config, dtype, executor)
+        embeddings, seconds["encode"] = embed_passages(texts, config, dtype, executor)
         seconds["embed"] = time.perf_counter() - t
         t = time.perf_counter()
         dense = build_faiss_index(embeddings, config.retrieval.index_type, config.retrieval.ivf_nlist, config.retrieval.hnsw_m)
