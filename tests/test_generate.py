@@ -50,6 +50,7 @@ def test_parse_numbered_items_inputs_and_truncation():
         ("Summarize " + "very " * 150 + "long text.", "", "too_long"),
         ("- List every disease named in this sentence.", "", "unusable"),
         ("Write a program that parses gene names.", "", "unusable"),
+        ("List every  disease named in the sentence.", "list every disease\nnamed in the sentence.", "unusable"),
         ("List every disease named in the sentence.", "Asthma and gout were present.", None),
     ],
 )

@@ -12,6 +12,7 @@ import random
 import re
 from typing import Any
 
+from selfspec.metrics import normalize_entity
 from selfspec.schema import Seed
 
 NO_INPUT = "<noinput>"
@@ -122,6 +123,6 @@ def instruction_drop_reason(
         return "unusable"  # starts with punctuation or a non-ASCII symbol
     if instruction.lower().startswith(("write a program", "write a code", "write a script")):
         return "unusable"
-    if input and " ".join(input.split()).lower() == instruction.lower():
+    if input and normalize_entity(input) == normalize_entity(instruction):
         return "unusable"  # the input only repeats the instruction
     return None
