@@ -35,16 +35,12 @@ def no_op(backend, rows):
 
 def stage_start_seconds(executor: str, overrides: list[str]) -> float:
     from selfspec.config import load_config
-    from selfspec.execution import map_with_model
+    from selfspec.stages.generate import _map
 
     config = load_config("default", overrides)
-    rows = [{"id": str(i)} for i in range(16)]
     start = time.perf_counter()
-    map_with_model(
-        rows, no_op, config.model, executor=executor, replicas=config.generate.replicas,
-        batch_size=config.generate.batch_size, num_cpus=config.generate.num_cpus_per_replica,
-        num_gpus=config.generate.num_gpus_per_replica,
-    )
+    # The same call, replicas and resources as each generation stage.
+    _map([{"id": str(i)} for i in range(16)], no_op, config, executor, None, "stage start")
     return time.perf_counter() - start
 
 
