@@ -205,9 +205,10 @@ class RetrievalConfig(StageConfig):
     passage_as_input: bool = False
     replicas: int = Field(1, ge=1)  # retrieval actors that serve generation's queries
     index_dir: str | None = None  # default: <run dir>/index
-    # Hybrid fuses the top `fusion_depth` of each method: reciprocal ranks (rrf, with rrf_k), or
-    # convex: dense_weight * dense + (1 - dense_weight) * bm25 scores, each min-max scaled per query.
-    fusion: Literal["rrf", "convex"] = "rrf"
+    # Hybrid fuses the top `fusion_depth` of each method. convex (default): dense_weight * dense +
+    # (1 - dense_weight) * bm25 scores, each min-max scaled per query (0.75 is Weaviate's default
+    # alpha); rrf: reciprocal ranks with rrf_k, which ignores how far ahead a confident hit is.
+    fusion: Literal["convex", "rrf"] = "convex"
     rrf_k: int = Field(60, ge=1)
     dense_weight: float = Field(0.75, ge=0, le=1)
     fusion_depth: int = Field(100, ge=1)

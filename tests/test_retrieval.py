@@ -13,7 +13,7 @@ import pytest
 from selfspec.config import load_config
 from selfspec.io import RunDir, read_parquet
 from selfspec.retrieval.corpus import chunk_spans, make_passages, read_documents, resolve_corpus
-from selfspec.retrieval.index import convex_fusion, reciprocal_rank_fusion
+from selfspec.retrieval.index import PooledEncoder, convex_fusion, encode, load_encoder, pooled_layout, reciprocal_rank_fusion, resolve_encoder
 from selfspec.stages.retrieve import (
     PromptGrounder,
     StaleIndexError,
@@ -110,6 +110,33 @@ def test_convex_fusion_scales_each_list():
     fused = convex_fusion([[("a", 10.0), ("b", 5.0), ("c", 0.0)], [("c", 0.9), ("b", 0.8), ("d", 0.4)]], [0.25, 0.75])
     assert dict(fused) == pytest.approx({"a": 0.25, "b": 0.125 + 0.75 * 0.8, "c": 0.75, "d": 0.0})
     assert [d for d, _ in fused] == ["c", "b", "a", "d"]
+
+
+# -- encoder -----------------------------------------------------------------------------
+def test_pooled_encoder_gives_the_sentence_transformer_embeddings():
+    from sentence_transformers import SentenceTransformer
+
+    texts = [d["text"] for d in DOCS] + QUERIES + ["word " * 400]  # the last one is truncated
+    ours = load_encoder("embedded:all-minilm-l6-v2", "float32")
+    assert isinstance(ours, PooledEncoder) and ours.pooling == "mean" and ours.max_length == 256
+    reference = SentenceTransformer(resolve_encoder("embedded:all-minilm-l6-v2"))
+    expected = reference.encode(texts, batch_size=4, normalize_embeddings=True, convert_to_numpy=True)
+    assert encode(ours, texts, batch_size=4) == pytest.approx(expected, abs=1e-5)
+
+
+def test_other_sentence_transformer_layouts_keep_the_library(tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(resolve_encoder("embedded:all-minilm-l6-v2"), folder)
+    assert pooled_layout(str(folder)) == {"pooling": "mean", "max_length": 256}
+    modules = json.loads((folder / "modules.json").read_text())
+    (folder / "modules.json").write_text(json.dumps(modules + [{"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}]))
+    assert pooled_layout(str(folder)) is None
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "query: "}}))
+    assert pooled_layout(str(folder)) is None
+    assert pooled_layout(str(tmp_path)) is None  # not a sentence-transformers folder
 
 
 # -- indexes -----------------------------------------------------------------------------
