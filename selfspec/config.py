@@ -60,6 +60,9 @@ class GenerateConfig(StageConfig):
     target: int = Field(40, ge=1)
     num_demos: int = Field(3, ge=1)
     prompts_per_round: int | None = Field(None, ge=1)
+    # Examples per prompt assumed before any round is done, sizing the first round; later
+    # rounds use the yield measured so far. The embedded default made 0.35-0.41.
+    expected_yield: float = Field(0.4, gt=0, le=1)
     max_rounds: int = Field(20, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.98, gt=0, le=1)

@@ -192,3 +192,13 @@ def test_sigkill_midway_then_rerun_finishes_without_loss_or_duplicates(tmp_path)
     assert len(rows) == 8 and len({r["id"] for r in rows}) == 8
     summary = read_json(data / "summary.json")
     assert summary["rounds_resumed"] == len(before)
+
+
+def test_first_round_is_sized_by_the_expected_yield_then_by_the_measured_one():
+    from selfspec.stages.generate import prompts_for_round
+
+    gen = load_config("default", ["generate.expected_yield=0.4"]).generate
+    assert prompts_for_round(gen, 48, []) == 132  # 48 / 0.4 * 1.1
+    shards = [{"counts": {"prompts": 100, "examples": 25}}]
+    assert prompts_for_round(gen, 10, shards) == 44  # 10 / 0.25 * 1.1
+    assert prompts_for_round(gen, 1, shards) == gen.batch_size * gen.replicas  # never below one batch per replica

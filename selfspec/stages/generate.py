@@ -207,7 +207,7 @@ def prompts_for_round(gen, remaining: int, shards: list[dict[str, Any]]) -> int:
         return gen.prompts_per_round
     prompts = sum(s["counts"]["prompts"] for s in shards)
     made = sum(s["counts"]["examples"] for s in shards)
-    expected_yield = max(made / prompts, 0.1) if prompts else 0.5
+    expected_yield = max(made / prompts, 0.1) if prompts else gen.expected_yield
     need = math.ceil(remaining / expected_yield * 1.1)
     return max(gen.batch_size * gen.replicas, min(need, 8 * max(remaining, 1)))
 
