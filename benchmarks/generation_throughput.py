@@ -39,7 +39,31 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> fl
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def backend_rate(backend, batch: int, new_tokens: int) -> tuple[float, str]:
+def linear_layers_gflops(model, rows: int, dtype: torch.dtype) -> float:
+    """GFLOP/s of the model's own linear layers timed alone on `rows` token rows, weighted by
+    their FLOPs in one decode step: what a decode step would reach with no other cost."""
+    shapes: dict[tuple[int, int], int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            key = (module.in_features, module.out_features)
+            shapes[key] = shapes.get(key, 0) + 1
+    flops = seconds = 0.0
+    for (k, n), count in shapes.items():
+        x, w = torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        repeats = max(5, int(2e10 / (2 * rows * k * n)))
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.nn.functional.linear(x, w)
+        flops += 2 * rows * k * n * count
+        seconds += (time.perf_counter() - start) / repeats * count
+    return flops / seconds / 1e9
+
+
+def backend_rate(backend, batch: int, new_tokens: int) -> tuple[float, str, float]:
+    """Completion tokens/s, a sample text, and the share of batch slots that held a live row
+    (rows that end early ride along in the batch until the longest ends)."""
     from selfspec.models import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens)
@@ -47,7 +71,8 @@ def backend_rate(backend, batch: int, new_tokens: int) -> tuple[float, str]:
     start = time.perf_counter()
     out = backend.generate(prompts(batch), params)
     seconds = time.perf_counter() - start
-    return sum(c[0].completion_tokens for c in out) / seconds, out[0][0].text
+    tokens = [c[0].completion_tokens for c in out]
+    return sum(tokens) / seconds, out[0][0].text, sum(tokens) / (len(tokens) * max(tokens))
 
 
 def naive_rate(path: str, count: int, new_tokens: int) -> float:
@@ -101,14 +126,18 @@ def main() -> None:
     print(f"torch matmul 2048x2048 in {dtype}: {peak:.0f} GFLOP/s")
 
     rates: dict[int, float] = {}
+    live: dict[int, float] = {}
     sample = ""
     for batch in [int(b) for b in args.batches.split(",")]:
-        rates[batch], text = backend_rate(backend, batch, args.new_tokens)
+        rates[batch], text, live[batch] = backend_rate(backend, batch, args.new_tokens)
         gflops = 2 * params * rates[batch] / 1e9
         print(f"selfspec backend batch {batch:4d}: {rates[batch]:8.1f} tok/s  {gflops:6.1f} GFLOP/s  {gflops / peak:6.1%} of matmul")
         sample = text
     best = max(rates, key=rates.get)
     print(f"best batch {best}: {rates[best]:.1f} tok/s; sample greedy output: {sample[:160]!r}")
+    ceiling = linear_layers_gflops(backend.model, best, dtype)
+    print(f"where the time goes at batch {best}: the model's linear layers alone reach {ceiling:.0f} GFLOP/s "
+          f"({ceiling / peak:.0%} of matmul); {live[best]:.0%} of batch slots held a live row")
 
     naive = naive_rate(resolve_model(args.model), args.naive_prompts, args.new_tokens)
     print(f"naive per-prompt fp32 model.generate: {naive:.1f} tok/s")
