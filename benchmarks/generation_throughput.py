@@ -137,7 +137,18 @@ def main() -> None:
     print(f"best batch {best}: {rates[best]:.1f} tok/s; sample greedy output: {sample[:160]!r}")
     ceiling = linear_layers_gflops(backend.model, best, dtype)
     print(f"where the time goes at batch {best}: the model's linear layers alone reach {ceiling:.0f} GFLOP/s "
-          f"({ceiling / peak:.0%} of matmul); {live[best]:.0%} of batch slots held a live row")
+          f"({ceiling / peak:.0%} of matmul); answers end at different steps, so in one generate call "
+          f"only {live[best]:.0%} of batch slots would hold a live row")
+    segment = backend.decode_segment
+    dropping, whole = [], []
+    for _ in range(2):  # alternating: this machine's speed drifts between runs
+        backend.decode_segment = segment
+        dropping.append(backend_rate(backend, best, args.new_tokens)[0])
+        backend.decode_segment = 10**9
+        whole.append(backend_rate(backend, best, args.new_tokens)[0])
+    backend.decode_segment = segment
+    print(f"dropping finished rows every {segment} tokens vs one generate call at batch {best}: "
+          + ", ".join(f"{d:.1f} vs {w:.1f} tok/s ({d / w:.2f}x)" for d, w in zip(dropping, whole)))
 
     naive = naive_rate(resolve_model(args.model), args.naive_prompts, args.new_tokens)
     print(f"naive per-prompt fp32 model.generate: {naive:.1f} tok/s")

@@ -42,6 +42,18 @@ def test_batch_of_eight_equals_eight_single_calls(fp32_backend):
     assert [b[0].completion_tokens for b in batched] == [s[0].completion_tokens for s in single]
 
 
+def test_dropping_finished_rows_between_segments_keeps_greedy_outputs(fp32_backend, monkeypatch):
+    # Short answers end at different steps, so rows leave the batch and the KV cache mid-way.
+    prompts = [chat(q + " Answer in three words.") for q in QUESTIONS] + ["1. Apple\n2. Banana\n3."]
+    params = SamplingParams(max_new_tokens=40, stop=("\n",))
+    whole = fp32_backend.generate(prompts, params)
+    monkeypatch.setattr(fp32_backend, "decode_segment", 3)
+    segmented = fp32_backend.generate(prompts, params)
+    assert segmented == whole
+    lengths = {c[0].completion_tokens for c in whole}
+    assert len(lengths) > 2 and min(lengths) < 40  # rows did end at different steps
+
+
 def test_fixed_seed_sampling_is_deterministic(backend):
     params = SamplingParams(temperature=1.0, top_p=0.98, max_new_tokens=16, seed=7, n=2)
     first = backend.generate([chat(q) for q in QUESTIONS[:2]], params)
