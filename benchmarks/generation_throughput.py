@@ -62,8 +62,8 @@ def linear_layers_gflops(model, rows: int, dtype: torch.dtype) -> float:
 
 
 def backend_rate(backend, batch: int, new_tokens: int) -> tuple[float, str, float]:
-    """Completion tokens/s, a sample text, and the share of batch slots that held a live row
-    (rows that end early ride along in the batch until the longest ends)."""
+    """Completion tokens/s, a sample text, and the share of batch slots that would hold a live
+    row in one `generate` call, where rows that end early ride along until the longest ends."""
     from selfspec.models import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens)

@@ -2,8 +2,9 @@
 
 Requests are sorted by length and cut into batches (less padding), left-padded,
 and decoded with the KV cache in short segments: rows that ended leave the batch
-between segments, so the others no longer carry them. Adapters are PEFT LoRA adapters on one shared
-base; a batch may mix adapters (`adapter_names`), which PEFT applies row by row.
+between segments, so the others no longer carry them. Adapters are PEFT LoRA
+adapters on one shared base; a batch may mix adapters (`adapter_names`), which
+PEFT applies row by row.
 """
 
 from __future__ import annotations
