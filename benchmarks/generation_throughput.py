@@ -2,9 +2,10 @@
 
 Prints tokens/s of the transformers backend at several batch sizes, of a naive
 per-prompt fp32 `model.generate` loop, and of llama-cpp-python on the same GGUF
-when it is installed; the ratios; and the achieved GFLOP/s (2 x parameters x
-tokens/s) as a fraction of the torch matmul GFLOP/s in the backend's dtype,
-measured here in the same run.
+when it is installed; at the best batch, the backend side by side with one plain
+`model.generate` call on the same model and batch; the ratios; and the achieved
+GFLOP/s (2 x parameters x tokens/s) as a fraction of the torch matmul GFLOP/s in
+the backend's dtype, measured here in the same run.
 
     python benchmarks/generation_throughput.py [--model embedded:smollm2-135m-instruct] [--new-tokens 64]
 """
@@ -67,12 +68,26 @@ def backend_rate(backend, batch: int, new_tokens: int) -> tuple[float, str, floa
     from selfspec.models import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens)
-    backend.generate(prompts(min(batch, 4)), SamplingParams(max_new_tokens=4))  # warm up
+    backend.generate(prompts(batch), SamplingParams(max_new_tokens=4))  # warm up at this batch
     start = time.perf_counter()
     out = backend.generate(prompts(batch), params)
     seconds = time.perf_counter() - start
     tokens = [c[0].completion_tokens for c in out]
     return sum(tokens) / seconds, out[0][0].text, sum(tokens) / (len(tokens) * max(tokens))
+
+
+def plain_generate_rate(backend, batch: int, new_tokens: int) -> float:
+    """Completion tokens/s of one transformers `model.generate` call on the same model, dtype
+    and left-padded batch: the plain alternative to the backend's own decode loop."""
+    eos = backend.tokenizer.eos_token_id
+    encoded = backend._encode([backend.render(p) for p in prompts(batch)])
+    with torch.inference_mode():
+        backend.model.generate(**encoded, max_new_tokens=4, do_sample=False, pad_token_id=eos)
+        start = time.perf_counter()
+        out = backend.model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=eos)
+        seconds = time.perf_counter() - start
+    rows = out[:, encoded["input_ids"].shape[1] :].tolist()
+    return sum(row.index(eos) + 1 if eos in row else len(row) for row in rows) / seconds
 
 
 def naive_rate(path: str, count: int, new_tokens: int) -> float:
@@ -109,7 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batches", default="1,8,32,64,128")
+    parser.add_argument("--batches", default="1,8,32,64,128,256")
     parser.add_argument("--naive-prompts", type=int, default=4)
     args = parser.parse_args()
 
@@ -140,15 +155,19 @@ def main() -> None:
           f"({ceiling / peak:.0%} of matmul); answers end at different steps, so in one generate call "
           f"only {live[best]:.0%} of batch slots would hold a live row")
     segment = backend.decode_segment
-    dropping, whole = [], []
+    ours, dropless, plain = [], [], []
     for _ in range(2):  # alternating: this machine's speed drifts between runs
         backend.decode_segment = segment
-        dropping.append(backend_rate(backend, best, args.new_tokens)[0])
+        ours.append(backend_rate(backend, best, args.new_tokens)[0])
         backend.decode_segment = 10**9
-        whole.append(backend_rate(backend, best, args.new_tokens)[0])
+        dropless.append(backend_rate(backend, best, args.new_tokens)[0])
+        plain.append(plain_generate_rate(backend, best, args.new_tokens))
     backend.decode_segment = segment
-    print(f"dropping finished rows every {segment} tokens vs one generate call at batch {best}: "
-          + ", ".join(f"{d:.1f} vs {w:.1f} tok/s ({d / w:.2f}x)" for d, w in zip(dropping, whole)))
+    print(f"side by side at batch {best}, alternating (tok/s): our decode loop / the same loop keeping ended rows "
+          f"/ one plain model.generate call")
+    for o, d, g in zip(ours, dropless, plain):
+        print(f"  {o:.1f} / {d:.1f} / {g:.1f}: {o / g:.2f}x plain generate, dropping ended rows every {segment} "
+              f"tokens {o / d:.2f}x")
 
     naive = naive_rate(resolve_model(args.model), args.naive_prompts, args.new_tokens)
     print(f"naive per-prompt fp32 model.generate: {naive:.1f} tok/s")

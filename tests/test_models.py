@@ -54,6 +54,80 @@ def test_dropping_finished_rows_between_segments_keeps_greedy_outputs(fp32_backe
     assert len(lengths) > 2 and min(lengths) < 40  # rows did end at different steps
 
 
+def generate_greedy(backend, prompts, max_new_tokens):
+    """transformers' own `model.generate` on one left-padded batch: (texts, completion tokens)."""
+    import torch
+
+    batch = backend._encode([backend.render(p) for p in prompts])
+    eos = backend.tokenizer.eos_token_id
+    with torch.inference_mode():
+        out = backend.model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
+        )
+    rows = [row[: row.index(eos) + 1] if eos in row else row for row in out[:, batch["input_ids"].shape[1] :].tolist()]
+    return [backend.tokenizer.decode(r, skip_special_tokens=True) for r in rows], [len(r) for r in rows]
+
+
+def test_greedy_equals_model_generate(fp32_backend):
+    """Our decode loop (reserved KV cache, rows leaving the batch) picks generate's tokens."""
+    prompts = [chat(q + " Answer in three words.") for q in QUESTIONS] + [chat(QUESTIONS[0])]
+    texts, lengths = generate_greedy(fp32_backend, prompts, 32)
+    ours = fp32_backend.generate(prompts, SamplingParams(max_new_tokens=32))
+    assert [c[0].text for c in ours] == texts
+    assert [c[0].completion_tokens for c in ours] == lengths
+    assert len(set(lengths)) > 2 and max(lengths) == 32  # rows ended at different steps
+
+
+def test_sliding_window_layers_decode_like_generate(fp32_backend):
+    """A Gemma 3 layout (sliding and full layers, random weights, no download): the reserved
+    cache replaces only the full-attention layers and greedy outputs stay generate's."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from selfspec.models.hf_backend import ReservedLayer, TransformersBackend, reserved_cache
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(fp32_backend.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    tiny = TransformersBackend(model_ref="tiny-gemma3", chat=False, model=model, tokenizer=fp32_backend.tokenizer)
+    kinds = [type(layer) for layer in reserved_cache(config, room=4).layers]
+    assert kinds.count(ReservedLayer) == 2 and len(kinds) == 4
+    prompts = ["The heart pumps blood through", "Inflation is", "A bond is a loan that an investor makes to"]
+    texts, lengths = generate_greedy(tiny, prompts, 20)
+    ours = tiny.generate(prompts, SamplingParams(max_new_tokens=20))
+    assert [c[0].text for c in ours] == texts and [c[0].completion_tokens for c in ours] == lengths
+
+
+def test_reserved_layer_grows_and_drops_rows_like_concatenation():
+    import torch
+
+    from selfspec.models.hf_backend import ReservedLayer
+
+    layer, steps = ReservedLayer(room=2), [torch.randn(3, 2, n, 4) for n in (5, 1, 1, 1, 1, 2)]
+    for n, step in enumerate(steps, start=1):
+        keys, values = layer.update(step, -step)
+        assert torch.equal(keys, torch.cat(steps[:n], dim=2)) and torch.equal(values, -keys)
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, torch.cat(steps, dim=2)[[2, 0]]) and layer.get_seq_length() == 11
+    keys, _ = layer.update(steps[1][:2], steps[1][:2])
+    assert keys.shape == (2, 2, 12, 4) and torch.equal(keys[:, :, -1:], steps[1][:2])
+
+
+def test_top_p_keeps_the_smallest_set_above_p():
+    import torch
+
+    from selfspec.models.hf_backend import pick_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    picks = pick_next(logits, SamplingParams(temperature=1.0, top_p=0.75)).tolist()
+    assert set(picks) == {0, 1}  # 0.5 + 0.3 covers 0.75; 0.15 and 0.05 are cut
+    assert 0.55 < picks.count(0) / len(picks) < 0.70  # renormalised: 0.5 / 0.8 = 0.625
+
+
 def test_fixed_seed_sampling_is_deterministic(backend):
     params = SamplingParams(temperature=1.0, top_p=0.98, max_new_tokens=16, seed=7, n=2)
     first = backend.generate([chat(q) for q in QUESTIONS[:2]], params)
