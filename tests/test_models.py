@@ -55,21 +55,28 @@ def test_dropping_finished_rows_between_segments_keeps_greedy_outputs(fp32_backe
 
 
 def generate_greedy(backend, prompts, max_new_tokens):
-    """transformers' own `model.generate` on one left-padded batch: (texts, completion tokens)."""
+    """transformers' own `model.generate`, with its SDPA attention, on one left-padded batch:
+    (texts, completion tokens)."""
     import torch
 
     batch = backend._encode([backend.render(p) for p in prompts])
     eos = backend.tokenizer.eos_token_id
-    with torch.inference_mode():
-        out = backend.model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
-        )
+    ours = backend.model.config._attn_implementation
+    backend.model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            out = backend.model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
+            )
+    finally:
+        backend.model.set_attn_implementation(ours)
     rows = [row[: row.index(eos) + 1] if eos in row else row for row in out[:, batch["input_ids"].shape[1] :].tolist()]
     return [backend.tokenizer.decode(r, skip_special_tokens=True) for r in rows], [len(r) for r in rows]
 
 
 def test_greedy_equals_model_generate(fp32_backend):
-    """Our decode loop (reserved KV cache, rows leaving the batch) picks generate's tokens."""
+    """Our decode loop (its attention over a tailed KV cache, rows leaving the batch) picks
+    generate's tokens."""
     prompts = [chat(q + " Answer in three words.") for q in QUESTIONS] + [chat(QUESTIONS[0])]
     texts, lengths = generate_greedy(fp32_backend, prompts, 32)
     ours = fp32_backend.generate(prompts, SamplingParams(max_new_tokens=32))
@@ -79,12 +86,12 @@ def test_greedy_equals_model_generate(fp32_backend):
 
 
 def test_sliding_window_layers_decode_like_generate(fp32_backend):
-    """A Gemma 3 layout (sliding and full layers, random weights, no download): the reserved
+    """A Gemma 3 layout (sliding and full layers, random weights, no download): the tailed
     cache replaces only the full-attention layers and greedy outputs stay generate's."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from selfspec.models.hf_backend import ReservedLayer, TransformersBackend, reserved_cache
+    from selfspec.models.hf_backend import DECODE_ATTENTION, TailedLayer, TransformersBackend, decode_cache
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(
@@ -93,28 +100,48 @@ def test_sliding_window_layers_decode_like_generate(fp32_backend):
         layer_types=["sliding_attention", "full_attention"] * 2,
     )
     model = Gemma3ForCausalLM(config).eval()
+    model.set_attn_implementation(DECODE_ATTENTION)
     tiny = TransformersBackend(model_ref="tiny-gemma3", chat=False, model=model, tokenizer=fp32_backend.tokenizer)
-    kinds = [type(layer) for layer in reserved_cache(config, room=4).layers]
-    assert kinds.count(ReservedLayer) == 2 and len(kinds) == 4
+    kinds = [type(layer) for layer in decode_cache(config).layers]
+    assert kinds.count(TailedLayer) == 2 and len(kinds) == 4
     prompts = ["The heart pumps blood through", "Inflation is", "A bond is a loan that an investor makes to"]
     texts, lengths = generate_greedy(tiny, prompts, 20)
     ours = tiny.generate(prompts, SamplingParams(max_new_tokens=20))
     assert [c[0].text for c in ours] == texts and [c[0].completion_tokens for c in ours] == lengths
 
 
-def test_reserved_layer_grows_and_drops_rows_like_concatenation():
+def test_decode_attention_over_cache_and_tail_equals_sdpa_over_the_whole():
+    """Grouped query heads, left padding, a tail that grows, merges and loses rows."""
+    import types
+
     import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from selfspec.models.hf_backend import ReservedLayer
+    from selfspec.models.hf_backend import TailedLayer, decode_attention
 
-    layer, steps = ReservedLayer(room=2), [torch.randn(3, 2, n, 4) for n in (5, 1, 1, 1, 1, 2)]
-    for n, step in enumerate(steps, start=1):
-        keys, values = layer.update(step, -step)
-        assert torch.equal(keys, torch.cat(steps[:n], dim=2)) and torch.equal(values, -keys)
-    layer.batch_select_indices(torch.tensor([2, 0]))
-    assert torch.equal(layer.keys, torch.cat(steps, dim=2)[[2, 0]]) and layer.get_seq_length() == 11
-    keys, _ = layer.update(steps[1][:2], steps[1][:2])
-    assert keys.shape == (2, 2, 12, 4) and torch.equal(keys[:, :, -1:], steps[1][:2])
+    torch.manual_seed(0)
+    module = types.SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    layer, keys = TailedLayer(), []
+    prefill = torch.randn(4, 2, 5, 8), torch.randn(4, 2, 5, 8)
+    layer.update(*prefill)
+    keys.append(prefill)
+    for step in range(6):
+        if step == 3:
+            layer.merge()
+        if step == 4:
+            layer.batch_select_indices(torch.tensor([3, 0, 2]))
+            keys = [(k[[3, 0, 2]], v[[3, 0, 2]]) for k, v in keys]
+        new = torch.randn(len(keys[0][0]), 2, 1, 8), torch.randn(len(keys[0][0]), 2, 1, 8)
+        keys.append(new)
+        key, value = layer.update(*new)
+        whole_k, whole_v = (torch.cat(part, dim=2) for part in zip(*keys))
+        assert layer.get_seq_length() == whole_k.shape[2]
+        query = torch.randn(len(whole_k), 6, 1, 8)
+        mask = torch.ones(len(whole_k), 1, 1, whole_k.shape[2], dtype=torch.bool)
+        mask[0, ..., :2] = False  # a left-padded row
+        ours, _ = decode_attention(module, query, key, value, mask, scaling=8**-0.5)
+        expected, _ = sdpa_attention_forward(module, query, whole_k, whole_v, mask, scaling=8**-0.5)
+        torch.testing.assert_close(ours, expected)
 
 
 def test_top_p_keeps_the_smallest_set_above_p():
