@@ -80,18 +80,15 @@ def plain_generate_rate(backend, batch: int, new_tokens: int) -> float:
     """Completion tokens/s of one transformers `model.generate` call, with its SDPA attention,
     on the same model, dtype and left-padded batch: the plain alternative to the backend's own
     decode loop and attention."""
+    from selfspec.models.hf_backend import attention_implementation
+
     eos = backend.tokenizer.eos_token_id
     encoded = backend._encode([backend.render(p) for p in prompts(batch)])
-    ours = backend.model.config._attn_implementation
-    backend.model.set_attn_implementation("sdpa")
-    try:
-        with torch.inference_mode():
-            backend.model.generate(**encoded, max_new_tokens=4, do_sample=False, pad_token_id=eos)
-            start = time.perf_counter()
-            out = backend.model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=eos)
-            seconds = time.perf_counter() - start
-    finally:
-        backend.model.set_attn_implementation(ours)
+    with attention_implementation(backend.model, "sdpa"), torch.inference_mode():
+        backend.model.generate(**encoded, max_new_tokens=4, do_sample=False, pad_token_id=eos)
+        start = time.perf_counter()
+        out = backend.model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=eos)
+        seconds = time.perf_counter() - start
     rows = out[:, encoded["input_ids"].shape[1] :].tolist()
     return sum(row.index(eos) + 1 if eos in row else len(row) for row in rows) / seconds
 

@@ -59,17 +59,14 @@ def generate_greedy(backend, prompts, max_new_tokens):
     (texts, completion tokens)."""
     import torch
 
+    from selfspec.models.hf_backend import attention_implementation
+
     batch = backend._encode([backend.render(p) for p in prompts])
     eos = backend.tokenizer.eos_token_id
-    ours = backend.model.config._attn_implementation
-    backend.model.set_attn_implementation("sdpa")
-    try:
-        with torch.inference_mode():
-            out = backend.model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
-            )
-    finally:
-        backend.model.set_attn_implementation(ours)
+    with attention_implementation(backend.model, "sdpa"), torch.inference_mode():
+        out = backend.model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
+        )
     rows = [row[: row.index(eos) + 1] if eos in row else row for row in out[:, batch["input_ids"].shape[1] :].tolist()]
     return [backend.tokenizer.decode(r, skip_special_tokens=True) for r in rows], [len(r) for r in rows]
 

@@ -7,16 +7,17 @@ transformers), over a KV cache whose new tokens go to a short tail that is merge
 once a segment (no whole-cache copy per step); greedy picks take the max of the bf16
 logits; every few tokens the rows that ended (eos or a stop string) leave the batch
 and the cache, so the others no longer carry them. Greedy outputs equal those of
-`model.generate` with SDPA (fp32 test). Adapters are PEFT LoRA adapters on one shared base; a batch
-may mix adapters (`adapter_names`), which PEFT applies row by row.
+`model.generate` with SDPA (fp32 test). Adapters are PEFT LoRA adapters on one
+shared base; a batch may mix adapters (`adapter_names`), which PEFT applies row by row.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from transformers import AttentionInterface
@@ -115,7 +116,8 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
         parts.append(pending[1:])
     plain = query.shape[2] != 1 or dropout or kwargs.get("softcap") or kwargs.get("s_aux") is not None
     if plain or kwargs.get("position_bias") is not None or not all(k.is_contiguous() for k, _ in parts):
-        key, value = (torch.cat(p, dim=-2) for p in zip(*parts))
+        if len(parts) > 1:
+            key, value = (torch.cat(p, dim=-2) for p in zip(*parts))
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
@@ -148,6 +150,18 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 AttentionInterface.register(DECODE_ATTENTION, decode_attention)
 AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def attention_implementation(model: Any, name: str) -> Iterator[None]:
+    """Run `model` with another registered attention (e.g. "sdpa", to compare against plain
+    transformers), then restore its own."""
+    ours = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(ours)
 
 
 def decode_cache(config: Any) -> DynamicCache:
@@ -339,7 +353,7 @@ class TransformersBackend(ModelBackend):
         end = ids.index(eos) + 1 if eos in ids else None
         if stop and self._holds_stop(ids[:end], stop):
             # The stop string ends in the last segment: find the shortest prefix that holds it.
-            end = len(ids[:end])
+            end = len(ids) if end is None else end
             while end > 1 and self._holds_stop(ids[: end - 1], stop):
                 end -= 1
         if end is None:
