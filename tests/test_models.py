@@ -72,9 +72,13 @@ def generate_greedy(backend, prompts, max_new_tokens):
 
 
 def test_greedy_equals_model_generate(fp32_backend):
-    """Our decode loop (its attention over a tailed KV cache, rows leaving the batch) picks
-    generate's tokens."""
+    """Our decode loop (the shared chat preamble prefilled once, attention over a tailed KV
+    cache, rows leaving the batch) picks generate's tokens."""
+    from selfspec.models.hf_backend import shared_prefix_length
+
     prompts = [chat(q + " Answer in three words.") for q in QUESTIONS] + [chat(QUESTIONS[0])]
+    batch = fp32_backend._encode([fp32_backend.render(p) for p in prompts])
+    assert shared_prefix_length(batch["input_ids"], batch["attention_mask"]) > 20
     texts, lengths = generate_greedy(fp32_backend, prompts, 32)
     ours = fp32_backend.generate(prompts, SamplingParams(max_new_tokens=32))
     assert [c[0].text for c in ours] == texts
@@ -82,18 +86,28 @@ def test_greedy_equals_model_generate(fp32_backend):
     assert len(set(lengths)) > 2 and max(lengths) == 32  # rows ended at different steps
 
 
-def test_sliding_window_layers_decode_like_generate(fp32_backend):
+@pytest.mark.parametrize("window", [6, 64])
+def test_sliding_window_layers_decode_like_generate(fp32_backend, window):
     """A Gemma 3 layout (sliding and full layers, random weights, no download): the tailed
-    cache replaces only the full-attention layers and greedy outputs stay generate's."""
+    cache replaces only the full-attention layers and greedy outputs stay generate's, with
+    the shared prefix cached once where the window holds the whole sequence (64) and not
+    where padding after it would push real tokens out of the window (6)."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from selfspec.models.hf_backend import DECODE_ATTENTION, TailedLayer, TransformersBackend, decode_cache
+    from selfspec.models.hf_backend import (
+        DECODE_ATTENTION,
+        TailedLayer,
+        TransformersBackend,
+        decode_cache,
+        prefix_fits,
+        shared_prefix_length,
+    )
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(
         vocab_size=len(fp32_backend.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
         layer_types=["sliding_attention", "full_attention"] * 2,
     )
     model = Gemma3ForCausalLM(config).eval()
@@ -101,10 +115,27 @@ def test_sliding_window_layers_decode_like_generate(fp32_backend):
     tiny = TransformersBackend(model_ref="tiny-gemma3", chat=False, model=model, tokenizer=fp32_backend.tokenizer)
     kinds = [type(layer) for layer in decode_cache(config).layers]
     assert kinds.count(TailedLayer) == 2 and len(kinds) == 4
-    prompts = ["The heart pumps blood through", "Inflation is", "A bond is a loan that an investor makes to"]
+    # A shared preamble longer than the window: prefilled once, its cache repeated to every row.
+    preamble = "Complete the sentence about medicine or finance in plain words: "
+    prompts = [preamble + p for p in ("The heart pumps blood through", "Inflation is", "A bond is a loan to")]
+    batch = tiny._encode(prompts)
+    assert shared_prefix_length(batch["input_ids"], batch["attention_mask"]) > 6
+    assert prefix_fits(decode_cache(config), batch["input_ids"].shape[1] + 20) == (window == 64)
     texts, lengths = generate_greedy(tiny, prompts, 20)
     ours = tiny.generate(prompts, SamplingParams(max_new_tokens=20))
     assert [c[0].text for c in ours] == texts and [c[0].completion_tokens for c in ours] == lengths
+
+
+def test_shared_prefix_length_counts_real_tokens_and_leaves_each_row_one():
+    import torch
+
+    from selfspec.models.hf_backend import shared_prefix_length
+
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [5, 6, 7, 9, 9, 9], [0, 0, 0, 5, 6, 7]])
+    mask = (torch.arange(6) >= torch.tensor([2, 0, 3])[:, None]).long()
+    assert shared_prefix_length(ids, mask) == 2  # 5 6 7 is the whole third prompt
+    assert shared_prefix_length(ids[:2], mask[:2]) == 3
+    assert shared_prefix_length(torch.tensor([[1, 2], [3, 2]]), torch.ones(2, 2, dtype=torch.long)) == 0
 
 
 def test_decode_attention_over_cache_and_tail_equals_sdpa_over_the_whole():

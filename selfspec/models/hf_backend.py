@@ -1,7 +1,9 @@
 """The transformers engine: batched generation and scoring on CPU or a small GPU.
 
 Requests are sorted by length and cut into batches (less padding), left-padded,
-and decoded by our own loop over the model's forward pass. On CPU, decode attention
+and decoded by our own loop over the model's forward pass. The prompt tokens all rows
+of a batch share (a chat preamble, a task template) are prefilled once and their KV
+cache repeated to every row. On CPU, decode attention
 is two batched matmuls per key/value head (`decode_attention`, registered with
 transformers), over a KV cache whose new tokens go to a short tail that is merged
 once a segment (no whole-cache copy per step); greedy picks take the max of the bf16
@@ -21,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -62,15 +64,16 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 class TailedLayer(DynamicLayer):
     """A full-attention KV cache layer kept as two contiguous parts: `keys`/`values` up to the
-    last segment boundary, and a tail of the tokens decoded since. A decode step appends to the
-    short tail (where one growing tensor would copy the whole cache every step) and
+    last segment boundary (prefills go there), and a tail of the tokens decoded since. A decode
+    step appends to the short tail (where one growing tensor would copy the whole cache every step) and
     `decode_attention` reads both parts; `merge` folds the tail in, once a segment."""
 
     tail_keys: torch.Tensor | None = None
     tail_values: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if self.tail_keys is None:  # prefill
+        if self.tail_keys is None or key_states.shape[-2] > 1:  # a prefill: into the main part
+            self.merge()
             keys, values = super().update(key_states, value_states)
             self.tail_keys, self.tail_values = keys[:, :, :0], values[:, :, :0]
             return keys, values
@@ -92,6 +95,12 @@ class TailedLayer(DynamicLayer):
         self.merge()
         if self.tail_keys is not None:
             self.keys, self.values = self.keys[indices], self.values[indices]
+            self.tail_keys, self.tail_values = self.keys[:, :, :0], self.values[:, :, :0]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.merge()
+        if self.tail_keys is not None:
+            super().batch_repeat_interleave(repeats)
             self.tail_keys, self.tail_values = self.keys[:, :, :0], self.values[:, :, :0]
 
 
@@ -173,10 +182,32 @@ def decode_cache(config: Any) -> DynamicCache:
     return cache
 
 
+def prefix_fits(cache: DynamicCache, length: int) -> bool:
+    """Whether a shared prefix may be cached once and followed by each row's padding: always
+    under full attention; under a sliding window (which counts cache slots, padding
+    included) only when all `length` slots fit in the window."""
+    return all(
+        type(layer) in (DynamicLayer, TailedLayer)
+        or (type(layer) is DynamicSlidingWindowLayer and length < layer.sliding_window)
+        for layer in cache.layers
+    )
+
+
 def merge_tails(cache: DynamicCache) -> None:
     for layer in cache.layers:
         if isinstance(layer, TailedLayer):
             layer.merge()
+
+
+def shared_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many leading prompt tokens every row of a left-padded batch shares, leaving each
+    row at least one token of its own (whose logits pick its first new token)."""
+    lengths = mask.sum(dim=1)
+    shortest = int(lengths.min())
+    columns = (input_ids.shape[1] - lengths)[:, None] + torch.arange(shortest, device=input_ids.device)
+    heads = input_ids.gather(1, columns)
+    same = (heads == heads[:1]).all(dim=0)
+    return min(int(same.int().cumprod(dim=0).sum()), shortest - 1)
 
 
 def pick_next(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -313,8 +344,11 @@ class TransformersBackend(ModelBackend):
         batch and the KV cache (a third of the slots at batch 128 on short answers)."""
         mask = batch["attention_mask"]
         inputs = batch["input_ids"]
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: count real tokens only
         cache = decode_cache(self.model.config)
+        if len(inputs) > 1 and len(set(names)) == 1 and prefix_fits(cache, inputs.shape[1] + params.max_new_tokens):
+            inputs, mask = self._prefill_shared_prefix(inputs, mask, cache, names[0])
+        # Left padding: positions count real tokens only.
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
         live = list(range(len(inputs)))
         generated: list[list[int]] = [[] for _ in live]
         for step in range(params.max_new_tokens):
@@ -345,6 +379,32 @@ class TransformersBackend(ModelBackend):
             inputs, positions, mask = inputs[index], positions[index], mask[index]
             live = [live[j] for j in keep]
         return generated
+
+    def _prefill_shared_prefix(
+        self, inputs: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, name: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill the prompt tokens all rows share (a chat preamble, a task template) once, at
+        batch 1, and repeat its KV cache to every row, as vLLM's prefix caching reuses a
+        shared prefix. -> each row's remaining tokens (left-padded) and the attention mask
+        over prefix and remainder; the batch unchanged when the rows share nothing."""
+        shared = shared_prefix_length(inputs, mask)
+        if shared == 0:
+            return inputs, mask
+        width = inputs.shape[1]
+        first = width - int(mask[0].sum())
+        self.model(
+            input_ids=inputs[:1, first : first + shared],
+            position_ids=torch.arange(shared, device=inputs.device)[None],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self._adapter_kwargs([name]),
+        )
+        cache.batch_repeat_interleave(len(inputs))
+        own = mask.sum(dim=1) - shared
+        columns = int(own.max())
+        own_mask = (torch.arange(columns, device=inputs.device)[None] >= columns - own[:, None]).to(mask.dtype)
+        return inputs[:, width - columns :], torch.cat([mask.new_ones(len(inputs), shared), own_mask], dim=1)
 
     def _end_row(self, ids: list[int], stop: Sequence[str]) -> bool:
         """Whether the row ended; if so, cut `ids` (in place) just after its end: the eos, or
