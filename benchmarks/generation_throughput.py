@@ -127,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batches", default="1,8,32,64,128,256")
+    parser.add_argument("--batches", default="1,8,32,64,128,256,512")
     parser.add_argument("--naive-prompts", type=int, default=4)
     args = parser.parse_args()
 
@@ -136,7 +136,8 @@ def main() -> None:
     from selfspec.models.resolve import embedded_gguf_path, resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    backend = load_backend(ModelConfig(ref=args.model, backend="transformers", max_batch_size=256))
+    batches = [int(b) for b in args.batches.split(",")]
+    backend = load_backend(ModelConfig(ref=args.model, backend="transformers", max_batch_size=max(batches)))
     dtype = backend.dtype
     params = backend.num_parameters
     peak = matmul_gflops(dtype)
@@ -146,7 +147,7 @@ def main() -> None:
     rates: dict[int, float] = {}
     live: dict[int, float] = {}
     sample = ""
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in batches:
         rates[batch], text, live[batch] = backend_rate(backend, batch, args.new_tokens)
         gflops = 2 * params * rates[batch] / 1e9
         print(f"selfspec backend batch {batch:4d}: {rates[batch]:8.1f} tok/s  {gflops:6.1f} GFLOP/s  {gflops / peak:6.1%} of matmul")
