@@ -138,8 +138,10 @@ def test_shared_prefix_length_counts_real_tokens_and_leaves_each_row_one():
     assert shared_prefix_length(torch.tensor([[1, 2], [3, 2]]), torch.ones(2, 2, dtype=torch.long)) == 0
 
 
-def test_decode_attention_over_cache_and_tail_equals_sdpa_over_the_whole():
-    """Grouped query heads, left padding, a tail that grows, merges and loses rows."""
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_decode_attention_over_cache_and_tail_equals_sdpa_over_the_whole(prefix):
+    """Grouped query heads, left padding, a prefix stored once for all rows, a tail that
+    grows, merges and loses rows."""
     import types
 
     import torch
@@ -150,9 +152,20 @@ def test_decode_attention_over_cache_and_tail_equals_sdpa_over_the_whole():
     torch.manual_seed(0)
     module = types.SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
     layer, keys = TailedLayer(), []
+    if prefix:
+        shared = torch.randn(1, 2, prefix, 8), torch.randn(1, 2, prefix, 8)
+        layer.update(*shared)
+        layer.share_prefix(4)
+        keys.append(tuple(t.expand(4, -1, -1, -1) for t in shared))
     prefill = torch.randn(4, 2, 5, 8), torch.randn(4, 2, 5, 8)
-    layer.update(*prefill)
+    key, value = layer.update(*prefill)
     keys.append(prefill)
+    query = torch.randn(4, 6, 5, 8)
+    whole_k, whole_v = (torch.cat(part, dim=2) for part in zip(*keys))
+    mask = torch.ones(5, prefix + 5, dtype=torch.bool).tril(diagonal=prefix).expand(4, 1, 5, prefix + 5)
+    ours, _ = decode_attention(module, query, key, value, mask, scaling=8**-0.5)
+    expected, _ = sdpa_attention_forward(module, query, whole_k, whole_v, mask, scaling=8**-0.5)
+    torch.testing.assert_close(ours, expected)
     for step in range(6):
         if step == 3:
             layer.merge()
@@ -166,7 +179,7 @@ def test_decode_attention_over_cache_and_tail_equals_sdpa_over_the_whole():
         assert layer.get_seq_length() == whole_k.shape[2]
         query = torch.randn(len(whole_k), 6, 1, 8)
         mask = torch.ones(len(whole_k), 1, 1, whole_k.shape[2], dtype=torch.bool)
-        mask[0, ..., :2] = False  # a left-padded row
+        mask[0, ..., prefix : prefix + 2] = False  # a padded row
         ours, _ = decode_attention(module, query, key, value, mask, scaling=8**-0.5)
         expected, _ = sdpa_attention_forward(module, query, whole_k, whole_v, mask, scaling=8**-0.5)
         torch.testing.assert_close(ours, expected)
@@ -222,7 +235,8 @@ def test_shared_context_scoring_equals_scoring_each_whole_sequence(fp32_backend)
     for (context, continuation), value in zip(requests, shared):
         ctx_ids, cont_ids = fp32_backend.split_request(context, continuation)
         with torch.inference_mode():
-            logits = fp32_backend.model(input_ids=torch.tensor([ctx_ids + cont_ids])).logits[0].float()
+            ids = torch.tensor([ctx_ids + cont_ids], device=fp32_backend.device)
+            logits = fp32_backend.model(input_ids=ids).logits[0].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         whole = sum(float(logprobs[len(ctx_ids) - 1 + j, t]) for j, t in enumerate(cont_ids))
         assert value == pytest.approx(whole, abs=1e-3)

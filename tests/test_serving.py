@@ -41,7 +41,8 @@ QUESTION = [{"role": "user", "content": "What is insulin?"}]
 
 # -- adapters and eval results built for the tests --------------------------------------
 def make_adapters(runs: Path, specs: dict[str, tuple[str, int]]) -> dict[str, Path]:
-    """PEFT LoRA adapters on the embedded model's architecture with random lora_B."""
+    """PEFT LoRA adapters on the embedded model's architecture, every LoRA weight drawn from
+    the adapter's own seed (not the global RNG, which earlier tests leave in any state)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -57,6 +58,8 @@ def make_adapters(runs: Path, specs: dict[str, tuple[str, int]]) -> dict[str, Pa
         peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         generator = torch.Generator().manual_seed(seed)
         for param_name, param in peft_model.named_parameters():
+            if "lora_A" in param_name:
+                param.data = torch.randn(param.shape, generator=generator) * param.shape[1] ** -0.5
             if "lora_B" in param_name:
                 param.data = torch.randn(param.shape, generator=generator) * 0.5
         paths[name] = runs / run / "adapters" / name

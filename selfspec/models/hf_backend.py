@@ -63,27 +63,44 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 class TailedLayer(DynamicLayer):
-    """A full-attention KV cache layer kept as two contiguous parts: `keys`/`values` up to the
-    last segment boundary (prefills go there), and a tail of the tokens decoded since. A decode
-    step appends to the short tail (where one growing tensor would copy the whole cache every step) and
-    `decode_attention` reads both parts; `merge` folds the tail in, once a segment."""
+    """A full-attention KV cache layer kept as contiguous parts: an optional prefix that every
+    row shares, stored once (`share_prefix`); `keys`/`values` per row up to the last segment
+    boundary (prefills go there); and a tail of the tokens decoded since. A decode step
+    appends to the short tail (where one growing tensor would copy the whole cache every
+    step) and `decode_attention` reads all parts; `merge` folds the tail in, once a segment."""
 
+    prefix_keys: torch.Tensor | None = None
+    prefix_values: torch.Tensor | None = None
     tail_keys: torch.Tensor | None = None
     tail_values: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if self.tail_keys is None or key_states.shape[-2] > 1:  # a prefill: into the main part
+        if self.tail_keys is None or key_states.shape[-2] > 1:  # a prefill: into the per-row part
             self.merge()
             keys, values = super().update(key_states, value_states)
             self.tail_keys, self.tail_values = keys[:, :, :0], values[:, :, :0]
-            return keys, values
-        self.tail_keys = torch.cat([self.tail_keys, key_states], dim=-2)
-        self.tail_values = torch.cat([self.tail_values, value_states], dim=-2)
-        _PENDING_TAIL.set((self.keys, self.tail_keys, self.tail_values))
+            if self.prefix_keys is None:
+                return keys, values
+        else:
+            self.tail_keys = torch.cat([self.tail_keys, key_states], dim=-2)
+            self.tail_values = torch.cat([self.tail_values, value_states], dim=-2)
+        parts = [(self.keys, self.values), (self.tail_keys, self.tail_values)]
+        if self.prefix_keys is not None:
+            parts.insert(0, (self.prefix_keys, self.prefix_values))
+        _PENDING_PARTS.set((self.keys, [part for part in parts if part[0].shape[-2]]))
         return self.keys, self.values
 
+    def share_prefix(self, batch: int) -> None:
+        """Make the tokens cached so far, for one row, the prefix all `batch` rows share."""
+        self.merge()
+        self.prefix_keys, self.prefix_values = self.keys, self.values
+        self.keys = self.keys.new_empty((batch, *self.keys.shape[1:2], 0, self.keys.shape[-1]))
+        self.values = self.values.new_empty((batch, *self.values.shape[1:2], 0, self.values.shape[-1]))
+        self.tail_keys, self.tail_values = self.keys, self.values
+
     def get_seq_length(self) -> int:
-        return super().get_seq_length() + (0 if self.tail_keys is None else self.tail_keys.shape[-2])
+        own = super().get_seq_length() + (0 if self.tail_keys is None else self.tail_keys.shape[-2])
+        return own + (0 if self.prefix_keys is None else self.prefix_keys.shape[-2])
 
     def merge(self) -> None:
         if self.tail_keys is not None and self.tail_keys.shape[-2]:
@@ -93,21 +110,16 @@ class TailedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.merge()
-        if self.tail_keys is not None:
+        if self.tail_keys is not None:  # the shared prefix stays as it is
             self.keys, self.values = self.keys[indices], self.values[indices]
             self.tail_keys, self.tail_values = self.keys[:, :, :0], self.values[:, :, :0]
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.merge()
-        if self.tail_keys is not None:
-            super().batch_repeat_interleave(repeats)
-            self.tail_keys, self.tail_values = self.keys[:, :, :0], self.values[:, :, :0]
 
-
-# (main keys, tail keys, tail values) of the layer that updated last: its attention call,
-# which comes right after, reads the tail from here (as vLLM's forward context carries state).
-_PENDING_TAIL: ContextVar[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = ContextVar(
-    "selfspec_pending_tail", default=None
+# The layer that updated last, as (its per-row keys, its non-empty (keys, values) parts in
+# sequence order): its attention call, which comes right after, reads the parts from here
+# (as vLLM's forward context carries state).
+_PENDING_PARTS: ContextVar[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None] = ContextVar(
+    "selfspec_pending_parts", default=None
 )
 DECODE_ATTENTION = "selfspec_decode"
 
@@ -118,40 +130,52 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
     `TailedLayer`, its tail; softmax in fp32, as transformers' eager attention computes it.
     2-3x faster than the CPU SDPA kernel at batch 256 on 2 cores. Anything else (prefill,
     softcap, sinks, position bias, strided caches) goes to transformers' SDPA."""
-    pending = _PENDING_TAIL.get()
-    _PENDING_TAIL.set(None)
-    parts = [(key, value)]
-    if pending is not None and pending[0] is key:
-        parts.append(pending[1:])
+    pending = _PENDING_PARTS.get()
+    _PENDING_PARTS.set(None)
+    parts = pending[1] if pending is not None and pending[0] is key else [(key, value)]
+    batch, heads, _, dim = query.shape
     plain = query.shape[2] != 1 or dropout or kwargs.get("softcap") or kwargs.get("s_aux") is not None
     if plain or kwargs.get("position_bias") is not None or not all(k.is_contiguous() for k, _ in parts):
         if len(parts) > 1:
-            key, value = (torch.cat(p, dim=-2) for p in zip(*parts))
+            key, value = (torch.cat([t.expand(batch, -1, -1, -1) for t in p], dim=-2) for p in zip(*parts))
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    q = query.reshape(batch * kv_heads, heads // kv_heads, dim)
+    group = heads // kv_heads
+    q = query.reshape(batch * kv_heads, group, dim)
+    # A part stored once for all rows (the shared prefix): one matmul per key/value head.
+    shared = [len(k) == 1 < batch for k, _ in parts]
+    q_by_head = query.view(batch, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads, batch * group, dim) if any(shared) else None
     scale = dim**-0.5 if scaling is None else scaling
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
             ~attention_mask, float("-inf")
         )
     scores, start = [], 0
-    for k, _ in parts:
+    for (k, _), once in zip(parts, shared):
         n = k.shape[2]
-        k = k.view(batch * kv_heads, n, dim).transpose(1, 2)
-        if attention_mask is None:
-            scores.append(torch.bmm(q, k).mul_(scale))
+        bias = None if attention_mask is None else attention_mask[..., start : start + n]
+        if once:
+            s = torch.matmul(q_by_head, k[0].transpose(1, 2)).view(kv_heads, batch, group, n).transpose(0, 1)
+            s = s.mul(scale) if bias is None else torch.add(bias, s, alpha=scale)
+            scores.append(s.reshape(batch * kv_heads, group, n))
         else:
-            bias = attention_mask[..., start : start + n].expand(batch, kv_heads, 1, n)
-            scores.append(torch.baddbmm(bias.reshape(batch * kv_heads, 1, n), q, k, alpha=scale))
+            k = k.view(batch * kv_heads, n, dim).transpose(1, 2)
+            if bias is None:
+                scores.append(torch.bmm(q, k).mul_(scale))
+            else:
+                bias = bias.expand(batch, kv_heads, 1, n).reshape(batch * kv_heads, 1, n)
+                scores.append(torch.baddbmm(bias, q, k, alpha=scale))
         start += n
     probs = torch.cat(scores, dim=-1).softmax(dim=-1, dtype=torch.float32).to(value.dtype)
     out, start = None, 0
-    for k, v in parts:
+    for (k, v), once in zip(parts, shared):
         n = k.shape[2]
-        p = probs if len(parts) == 1 else probs[..., start : start + n].contiguous()
-        o = torch.bmm(p, v.view(batch * kv_heads, n, dim))
+        p = probs if len(parts) == 1 else probs[..., start : start + n]
+        if once:
+            p = p.reshape(batch, kv_heads, group, n).transpose(0, 1).reshape(kv_heads, batch * group, n)
+            o = torch.bmm(p, v[0]).view(kv_heads, batch, group, dim).transpose(0, 1).reshape(batch * kv_heads, group, dim)
+        else:
+            o = torch.bmm(p.contiguous(), v.view(batch * kv_heads, n, dim))
         out = o if out is None else out.add_(o)
         start += n
     return out.view(batch, 1, heads, dim), None
@@ -191,6 +215,16 @@ def prefix_fits(cache: DynamicCache, length: int) -> bool:
         or (type(layer) is DynamicSlidingWindowLayer and length < layer.sliding_window)
         for layer in cache.layers
     )
+
+
+def share_prefix(cache: DynamicCache, batch: int) -> None:
+    """Make the one row cached so far the prefix of `batch` rows: stored once in a
+    `TailedLayer`, repeated per row in other layers."""
+    for layer in cache.layers:
+        if isinstance(layer, TailedLayer):
+            layer.share_prefix(batch)
+        else:
+            layer.batch_repeat_interleave(batch)
 
 
 def merge_tails(cache: DynamicCache) -> None:
@@ -400,7 +434,7 @@ class TransformersBackend(ModelBackend):
             logits_to_keep=1,
             **self._adapter_kwargs([name]),
         )
-        cache.batch_repeat_interleave(len(inputs))
+        share_prefix(cache, len(inputs))
         own = mask.sum(dim=1) - shared
         columns = int(own.max())
         own_mask = (torch.arange(columns, device=inputs.device)[None] >= columns - own[:, None]).to(mask.dtype)
