@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_throughput.py | tee benchmarks/results/train_throughput.txt
 	$(BIN)/python benchmarks/retrieval_quality.py --data $(SHARED_DATA)/biomedical/pubmedqa | tee benchmarks/results/retrieval_quality.txt
 	$(BIN)/python benchmarks/serving_throughput.py | tee benchmarks/results/serving_throughput.txt
+	$(BIN)/python benchmarks/adapter_throughput.py | tee benchmarks/results/adapter_throughput.txt
 
 clean:
 	rm -rf $(VENV) runs

@@ -38,6 +38,10 @@ class ModelConfig(StageConfig):
     prompt_format: Literal["auto", "chat", "plain"] = "auto"
     max_batch_size: int = Field(64, ge=1)
     num_threads: int | None = Field(None, ge=1)
+    # transformers engine: a batch whose rows all use one LoRA adapter runs with it folded into a
+    # copy of the weights it changes (faster; the copy costs memory) instead of PEFT applying it
+    # layer by layer. auto: only fp32 weights; bf16 weights would round small adapter deltas away.
+    merge_single_adapter: bool | Literal["auto"] = "auto"
     # vLLM engine arguments (GPU only).
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     max_model_len: int = Field(4096, ge=128)

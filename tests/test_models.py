@@ -242,6 +242,61 @@ def test_shared_context_scoring_equals_scoring_each_whole_sequence(fp32_backend)
         assert value == pytest.approx(whole, abs=1e-3)
 
 
+def random_lora_adapter(backend, path, seed: int) -> str:
+    """A LoRA adapter (r=8, all linear layers) on the backend's architecture, random weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(backend.model.config)
+    peft_model = get_peft_model(model.to_empty(device="cpu"), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=generator) * (param.shape[1] ** -0.5 if "lora_A" in name else 0.05)
+    peft_model.save_pretrained(path)
+    return str(path)
+
+
+def test_folded_adapter_equals_peft_and_leaves_the_base_exact(tmp_path):
+    """A batch on one adapter runs with it folded into a weight copy: the same greedy texts and
+    log-likelihoods as PEFT applying it layer by layer (fp32); base batches after it get the
+    untouched base weights back, bit for bit; mixed batches still go through PEFT."""
+    import torch
+
+    from selfspec.config import ModelConfig
+    from selfspec.models import load_backend
+
+    backend = load_backend(ModelConfig(dtype="float32", backend="transformers", max_batch_size=8))
+    base_weights = {n: p.detach().clone() for n, p in backend.model.named_parameters()}
+    prompts = [chat("What is insulin?"), chat("Name one symptom of the flu."), chat("What does a bond pay?")]
+    requests = [(p, " Yes") for p in prompts]
+    params = SamplingParams(max_new_tokens=16)
+
+    def texts(adapters=None):
+        return [c[0].text for c in backend.generate(prompts, params, adapters)]
+
+    base = texts()
+    backend.load_adapter("bio", random_lora_adapter(backend, tmp_path / "bio", seed=1))
+    folded, folded_ll = texts("bio"), backend.loglikelihood(requests, "bio")
+    assert backend._folded is not None and backend._folded.name == "bio"
+    backend.merge_single_adapter = False
+    peft, peft_ll = texts("bio"), backend.loglikelihood(requests, "bio")
+    backend.merge_single_adapter = True
+    assert folded == peft and folded != base
+    assert folded_ll == pytest.approx(peft_ll, abs=1e-4)
+    assert [c[0].text for c in backend.generate(prompts[:2], params, ["bio", None])] == [folded[0], base[1]]
+    assert texts() == base
+    for layer, weight, _ in backend._folded.layers:
+        assert layer.base_layer.weight is weight
+    for name, param in backend.model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base_weights[name.replace(".base_layer", "")]), name
+    backend.unload_adapter("bio")
+    assert backend._folded is None
+
+
 def test_embedded_reference_resolves_to_cached_safetensors():
     path = resolve_model("embedded:smollm2-135m-instruct")
     assert path.endswith(tuple("0123456789abcdef"))

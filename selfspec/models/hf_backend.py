@@ -1,21 +1,23 @@
 """The transformers engine: batched generation and scoring on CPU or a small GPU.
 
-Requests are sorted by length and cut into batches (less padding), left-padded,
-and decoded by our own loop over the model's forward pass. The prompt tokens all rows
-of a batch share (a chat preamble, a task template) are prefilled once and their KV
-cache repeated to every row. On CPU, decode attention
-is two batched matmuls per key/value head (`decode_attention`, registered with
-transformers), over a KV cache whose new tokens go to a short tail that is merged
-once a segment (no whole-cache copy per step); greedy picks take the max of the bf16
-logits; every few tokens the rows that ended (eos or a stop string) leave the batch
-and the cache, so the others no longer carry them. Greedy outputs equal those of
-`model.generate` with SDPA (fp32 test). Adapters are PEFT LoRA adapters on one
-shared base; a batch may mix adapters (`adapter_names`), which PEFT applies row by row.
+Requests are grouped by adapter, sorted by length and cut into batches (less padding),
+left-padded, and decoded by our own loop over the model's forward pass. The prompt tokens
+all rows of a batch share (a chat preamble, a task template) are prefilled once; under
+`decode_attention` their KV cache is stored once for all rows, elsewhere repeated to each.
+On CPU, decode attention is two batched matmuls per key/value head (`decode_attention`,
+registered with transformers), over a KV cache whose new tokens go to a short tail that is
+merged once a segment (no whole-cache copy per step); greedy picks take the max of the bf16
+logits; every few tokens the rows that ended (eos or a stop string) leave the batch and the
+cache, so the others no longer carry them. Greedy outputs equal those of `model.generate`
+with SDPA (fp32 test). Adapters are PEFT LoRA adapters on one shared base: a batch on one
+adapter runs with it folded into a copy of the weights it changes (`FoldedAdapter`); a
+batch that mixes adapters passes `adapter_names`, which PEFT applies row by row.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -259,13 +261,65 @@ def pick_next(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
 
 
+def foldable_layers(model: Any, adapter: str) -> list[Any] | None:
+    """The PEFT LoRA layers `adapter` changes, or None when it cannot be folded into plain linear
+    weights (DoRA and other variants, LoRA bias, fully trained or token-trained modules)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+
+    config = model.peft_config[adapter]
+    if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
+        return None
+    layers = []
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            if type(module) is not LoraLinear or adapter in module.lora_variant or module.lora_bias.get(adapter):
+                return None
+            layers.append(module)
+    return layers
+
+
+@dataclass
+class FoldedAdapter:
+    """One LoRA adapter folded into a copy of each weight it changes (W + scale * B @ A), swapped
+    in by reference for batches that use only that adapter: one plain matmul per linear layer
+    instead of PEFT's base, A and B per layer. The base tensors are never written, so swapping
+    back is exact and nothing drifts however often adapters change."""
+
+    name: str
+    layers: list[tuple[Any, torch.nn.Parameter, torch.nn.Parameter]]  # (LoRA layer, base, folded)
+
+    @classmethod
+    def build(cls, name: str, layers: list[Any]) -> "FoldedAdapter":
+        folded = []
+        with torch.inference_mode(False), torch.no_grad():
+            for layer in layers:
+                base = layer.base_layer.weight
+                weight = (base.float() + layer.get_delta_weight(name).float()).to(base.dtype)
+                folded.append((layer, base, torch.nn.Parameter(weight, requires_grad=False)))
+        return cls(name, folded)
+
+    def swap_in(self) -> None:
+        for layer, _, weight in self.layers:
+            layer.base_layer.weight = weight
+
+    def swap_out(self) -> None:
+        for layer, base, _ in self.layers:
+            layer.base_layer.weight = base
+
+
 @dataclass
 class TransformersBackend(ModelBackend):
     model: Any = None
     device: str = "cpu"
     max_batch_size: int = 64
     decode_segment: int = 8  # decode steps between dropping the rows that ended
+    # A batch whose rows all use one adapter runs on that adapter folded into the weights (one
+    # extra copy of the weights it changes, kept for the adapter used last). "auto": only when
+    # the weights are fp32, since rounding W + delta to bf16 drops deltas under half a bf16 step.
+    merge_single_adapter: bool | str = "auto"
     _peft: bool = field(default=False, repr=False)
+    _folded: FoldedAdapter | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, config) -> "TransformersBackend":
@@ -293,6 +347,7 @@ class TransformersBackend(ModelBackend):
             tokenizer=tokenizer,
             device=device,
             max_batch_size=config.max_batch_size,
+            merge_single_adapter=config.merge_single_adapter,
         )
 
     # -- adapters ------------------------------------------------------------
@@ -311,12 +366,52 @@ class TransformersBackend(ModelBackend):
 
     def unload_adapter(self, name: str) -> None:
         if name in self.adapter_paths:
-            self.model.delete_adapter(name)
+            if self._folded is not None and self._folded.name == name:
+                self._folded = None
+            with warnings.catch_warnings():  # PEFT warns when the adapter it calls active goes
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
+                self.model.delete_adapter(name)
             super().unload_adapter(name)
 
-    def _adapter_kwargs(self, names: list[str | None]) -> dict[str, Any]:
-        # With PEFT, always pass adapter_names: a plain call after a mixed batch fails.
+    @contextmanager
+    def _weights_for(self, names: list[str | None]) -> Iterator[list[str | None] | None]:
+        """Put one batch's weights in place. -> the adapter per row that PEFT must apply, or None
+        for a plain forward pass: no adapters loaded, the base alone, or one adapter folded in."""
+        distinct = set(names)
         if not self._peft:
+            yield None
+        elif distinct == {None}:
+            with self.model.disable_adapter():
+                yield None
+        elif len(distinct) == 1 and self._folds() and self._fold(names[0]):
+            self._folded.swap_in()
+            try:
+                with self.model.disable_adapter():
+                    yield None
+            finally:
+                self._folded.swap_out()
+        else:
+            yield names
+
+    def _folds(self) -> bool:
+        if self.merge_single_adapter == "auto":
+            return self.dtype == torch.float32
+        return bool(self.merge_single_adapter)
+
+    def _fold(self, name: str) -> bool:
+        """Whether `name` is folded (now or from its last batch); False if it cannot be."""
+        if self._folded is None or self._folded.name != name:
+            self._folded = None  # free the previous copy before building the next
+            layers = foldable_layers(self.model, name)
+            if layers is None:
+                return False
+            self._folded = FoldedAdapter.build(name, layers)
+        return True
+
+    def _adapter_kwargs(self, names: list[str | None] | None) -> dict[str, Any]:
+        # A PEFT model gets adapter_names unless adapters are disabled for the batch: a plain
+        # call after a mixed batch fails in peft 0.21.
+        if names is None:
             return {}
         return {"adapter_names": [n or BASE_ADAPTER for n in names]}
 
@@ -332,9 +427,11 @@ class TransformersBackend(ModelBackend):
         names = self.per_prompt_adapters(adapters, len(prompts))
         texts = [self.render(p) for p in prompts]
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        # One row per completion; longest first so batches hold similar lengths.
+        # One row per completion; rows of one adapter together (such a batch runs with the adapter
+        # folded in), longest first within, so batches hold similar lengths.
+        order = {name: k for k, name in enumerate(dict.fromkeys(names))}
         rows = [(i, k) for i in range(len(texts)) for k in range(params.n)]
-        rows.sort(key=lambda row: -lengths[row[0]])
+        rows.sort(key=lambda row: (order[names[row[0]]], -lengths[row[0]]))
         results: list[list[Completion | None]] = [[None] * params.n for _ in texts]
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start : start + self.max_batch_size]
@@ -373,14 +470,20 @@ class TransformersBackend(ModelBackend):
         return completions
 
     def _decode(self, batch: dict[str, torch.Tensor], names: list[str | None], params: SamplingParams) -> list[list[int]]:
+        with self._weights_for(names) as peft_names:
+            return self._decode_rows(batch, peft_names, params)
+
+    def _decode_rows(self, batch: dict[str, torch.Tensor], names: list[str | None] | None, params: SamplingParams) -> list[list[int]]:
         """Generated token ids per row, ending with eos, with the token that completes a stop
         string, or at max_new_tokens. Every `decode_segment` tokens, rows that ended leave the
-        batch and the KV cache (a third of the slots at batch 128 on short answers)."""
+        batch and the KV cache (a third of the slots at batch 128 on short answers). `names`:
+        the adapter per row for PEFT, None for a plain forward."""
         mask = batch["attention_mask"]
         inputs = batch["input_ids"]
         cache = decode_cache(self.model.config)
-        if len(inputs) > 1 and len(set(names)) == 1 and prefix_fits(cache, inputs.shape[1] + params.max_new_tokens):
-            inputs, mask = self._prefill_shared_prefix(inputs, mask, cache, names[0])
+        one_model = names is None or len(set(names)) == 1
+        if len(inputs) > 1 and one_model and prefix_fits(cache, inputs.shape[1] + params.max_new_tokens):
+            inputs, mask = self._prefill_shared_prefix(inputs, mask, cache, None if names is None else names[:1])
         # Left padding: positions count real tokens only.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
         live = list(range(len(inputs)))
@@ -393,7 +496,7 @@ class TransformersBackend(ModelBackend):
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
-                **self._adapter_kwargs([names[r] for r in live]),
+                **self._adapter_kwargs(None if names is None else [names[r] for r in live]),
             ).logits[:, -1]
             picked = pick_next(logits, params)
             for r, token in zip(live, picked.tolist()):
@@ -415,7 +518,7 @@ class TransformersBackend(ModelBackend):
         return generated
 
     def _prefill_shared_prefix(
-        self, inputs: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, name: str | None
+        self, inputs: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, names: list[str | None] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill the prompt tokens all rows share (a chat preamble, a task template) once, at
         batch 1, and repeat its KV cache to every row, as vLLM's prefix caching reuses a
@@ -432,7 +535,7 @@ class TransformersBackend(ModelBackend):
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
-            **self._adapter_kwargs([name]),
+            **self._adapter_kwargs(names),
         )
         share_prefix(cache, len(inputs))
         own = mask.sum(dim=1) - shared
@@ -470,7 +573,8 @@ class TransformersBackend(ModelBackend):
         groups: dict[tuple[tuple[int, ...], str | None], list[int]] = {}
         for i, (ctx_ids, _) in enumerate(encoded):
             groups.setdefault((tuple(ctx_ids), names[i]), []).append(i)
-        keys = sorted(groups, key=lambda k: -len(k[0]))
+        order = {name: k for k, name in enumerate(dict.fromkeys(names))}
+        keys = sorted(groups, key=lambda k: (order[k[1]], -len(k[0])))  # one adapter per chunk where possible
         scores = [0.0] * len(encoded)
         chunk: list[tuple[tuple[int, ...], str | None]] = []
         rows = 0
@@ -494,6 +598,12 @@ class TransformersBackend(ModelBackend):
         self, contexts: list[list[int]], continuations: list[list[list[int]]], names: list[str | None]
     ) -> list[list[float]]:
         """Score continuations[b][j] after contexts[b]; -> the same nesting of log-probabilities."""
+        with self._weights_for(names) as peft_names:
+            return self._score_rows(contexts, continuations, peft_names)
+
+    def _score_rows(
+        self, contexts: list[list[int]], continuations: list[list[list[int]]], names: list[str | None] | None
+    ) -> list[list[float]]:
         width = max(map(len, contexts))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=self.device)
@@ -530,7 +640,7 @@ class TransformersBackend(ModelBackend):
                 position_ids=cont_positions,
                 cache=cache,
                 use_cache=True,
-                **self._adapter_kwargs([names[b] for b, _ in rows]),
+                **self._adapter_kwargs(None if names is None else [names[b] for b, _ in rows]),
             ).logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
             for r, (_, cont) in enumerate(rows):
