@@ -30,13 +30,20 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": f"Explain {TOPICS[i % len(TOPICS)]} in two sentences."}] for i in range(n)]
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     for _ in range(2):
         a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -88,22 +95,24 @@ def plain_generate_rate(backend, batch: int, new_tokens: int) -> float:
         backend.model.generate(**encoded, max_new_tokens=4, do_sample=False, pad_token_id=eos)
         start = time.perf_counter()
         out = backend.model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=eos)
+        synchronize(backend.device)
         seconds = time.perf_counter() - start
     rows = out[:, encoded["input_ids"].shape[1] :].tolist()
     return sum(row.index(eos) + 1 if eos in row else len(row) for row in rows) / seconds
 
 
-def naive_rate(path: str, count: int, new_tokens: int) -> float:
+def naive_rate(path: str, count: int, new_tokens: int, device: str = "cpu") -> float:
     """What a user writes first: fp32, one prompt at a time, model.generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     tokens = 0
     start = time.perf_counter()
     with torch.inference_mode():
         for messages in prompts(count):
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            ids = {k: v.to(device) for k, v in ids.items()}
             out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
             tokens += out.shape[1] - ids["input_ids"].shape[1]
     return tokens / (time.perf_counter() - start)

@@ -78,9 +78,9 @@ def steady_rate(rows: list[dict]) -> tuple[float, float]:
     return tokens / seconds, seconds / len(rest)
 
 
-def plain_pytorch(cfg: TrainConfig, examples: list[dict], threads: int) -> tuple[list[dict], dict]:
+def plain_pytorch(cfg: TrainConfig, examples: list[dict], threads: int, device: str = "cpu") -> tuple[list[dict], dict]:
     torch.set_num_threads(threads)
-    device = torch.device("cpu")
+    device = torch.device(device)
     amp = T.autocast_dtype(cfg.precision, device)
     model, tokenizer = T.load_lora_model(MODEL, cfg, device, amp)
     records, _ = T.tokenize_examples(examples, tokenizer, T.resolve_template(cfg.template, tokenizer), cfg.max_seq_len)
