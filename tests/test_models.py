@@ -297,6 +297,22 @@ def test_folded_adapter_equals_peft_and_leaves_the_base_exact(tmp_path):
     assert backend._folded is None
 
 
+@pytest.mark.parametrize(("setting", "dtype", "folds"), [("auto", "float32", True), ("auto", "bfloat16", False),
+                                                       (True, "bfloat16", True), (False, "float32", False)])
+def test_folding_by_default_only_for_fp32_weights(setting, dtype, folds):
+    """bf16 cannot hold W + delta for deltas under half a bf16 step, so `auto` keeps PEFT there."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from selfspec.models.hf_backend import TransformersBackend
+
+    tiny = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(tiny).to(getattr(torch, dtype))
+    backend = TransformersBackend(model_ref="tiny", chat=False, model=model, merge_single_adapter=setting)
+    assert backend._folds() is folds
+
+
 def test_embedded_reference_resolves_to_cached_safetensors():
     path = resolve_model("embedded:smollm2-135m-instruct")
     assert path.endswith(tuple("0123456789abcdef"))

@@ -521,9 +521,10 @@ class TransformersBackend(ModelBackend):
         self, inputs: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, names: list[str | None] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill the prompt tokens all rows share (a chat preamble, a task template) once, at
-        batch 1, and repeat its KV cache to every row, as vLLM's prefix caching reuses a
-        shared prefix. -> each row's remaining tokens (left-padded) and the attention mask
-        over prefix and remainder; the batch unchanged when the rows share nothing."""
+        batch 1, and give its KV cache to every row (`share_prefix`), as vLLM's prefix caching
+        reuses a shared prefix. `names`: the one row's adapter for PEFT, or None. -> each row's
+        remaining tokens (left-padded) and the attention mask over prefix and remainder; the
+        batch unchanged when the rows share nothing."""
         shared = shared_prefix_length(inputs, mask)
         if shared == 0:
             return inputs, mask
