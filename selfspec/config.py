@@ -40,7 +40,8 @@ class ModelConfig(StageConfig):
     num_threads: int | None = Field(None, ge=1)
     # transformers engine: a batch whose rows all use one LoRA adapter runs with it folded into a
     # copy of the weights it changes (faster; the copy costs memory) instead of PEFT applying it
-    # layer by layer. auto: only fp32 weights; bf16 weights would round small adapter deltas away.
+    # layer by layer. auto: only fp32 weights (bf16 would round small adapter deltas away), and
+    # never in `serve`, where adapters interleave and the copy would cost memory per replica.
     merge_single_adapter: bool | Literal["auto"] = "auto"
     # vLLM engine arguments (GPU only).
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)

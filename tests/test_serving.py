@@ -337,6 +337,7 @@ def test_interleaved_adapters_match_one_at_a_time(client, alone):
     after = replica_info()
     # Evidence that adapters shared forward passes (how many share one depends on arrival times).
     assert after["mixed_batches"] > before["mixed_batches"], (before, after)
+    assert not after["folds_adapters"]  # model.merge_single_adapter=auto never folds in serve
 
 
 def test_lru_eviction_while_requests_run(client, alone):

@@ -167,6 +167,10 @@ class AdapterModel:
         if model_config.num_threads is None:
             threads = max(1, int(self.limits.num_cpus_per_replica))
             model_config = model_config.model_copy(update={"num_threads": threads})
+        if model_config.merge_single_adapter == "auto":
+            # Requests for many adapters interleave here: folding would rebuild a weight copy at
+            # each switch and hold one more model's worth of memory per replica.
+            model_config = model_config.model_copy(update={"merge_single_adapter": False})
         self.pool = AdapterPool(load_backend(model_config))
         self.paths: dict[str, str] = {}
         self.stats: Counter[str] = Counter()
@@ -246,6 +250,7 @@ class AdapterModel:
             "pid": os.getpid(),
             "rss_bytes": psutil.Process().memory_info().rss,
             "adapters": self.pool.loaded(),
+            "folds_adapters": bool(getattr(self.pool.backend, "merge_single_adapter", False)),
             **self.stats,
         }
 
