@@ -408,12 +408,14 @@ class TransformersBackend(ModelBackend):
             self._folded = FoldedAdapter.build(name, layers)
         return True
 
-    def _adapter_kwargs(self, names: list[str | None] | None) -> dict[str, Any]:
-        # A PEFT model gets adapter_names unless adapters are disabled for the batch: a plain
-        # call after a mixed batch fails in peft 0.21.
+    def _adapter_kwargs(self, names: list[str | None] | None, rows: Sequence[int] | None = None) -> dict[str, Any]:
+        """PEFT's adapter_names for `rows` (all when None) of a batch; nothing for a plain
+        forward (names None). A plain call after a mixed batch fails in peft 0.21, so a PEFT
+        model gets adapter_names unless adapters are disabled for the batch."""
         if names is None:
             return {}
-        return {"adapter_names": [n or BASE_ADAPTER for n in names]}
+        picked = names if rows is None else [names[r] for r in rows]
+        return {"adapter_names": [n or BASE_ADAPTER for n in picked]}
 
     # -- generation ----------------------------------------------------------
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -483,7 +485,7 @@ class TransformersBackend(ModelBackend):
         cache = decode_cache(self.model.config)
         one_model = names is None or len(set(names)) == 1
         if len(inputs) > 1 and one_model and prefix_fits(cache, inputs.shape[1] + params.max_new_tokens):
-            inputs, mask = self._prefill_shared_prefix(inputs, mask, cache, None if names is None else names[:1])
+            inputs, mask = self._prefill_shared_prefix(inputs, mask, cache, names)
         # Left padding: positions count real tokens only.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
         live = list(range(len(inputs)))
@@ -496,7 +498,7 @@ class TransformersBackend(ModelBackend):
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
-                **self._adapter_kwargs(None if names is None else [names[r] for r in live]),
+                **self._adapter_kwargs(names, live),
             ).logits[:, -1]
             picked = pick_next(logits, params)
             for r, token in zip(live, picked.tolist()):
@@ -522,9 +524,9 @@ class TransformersBackend(ModelBackend):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill the prompt tokens all rows share (a chat preamble, a task template) once, at
         batch 1, and give its KV cache to every row (`share_prefix`), as vLLM's prefix caching
-        reuses a shared prefix. `names`: the one row's adapter for PEFT, or None. -> each row's
-        remaining tokens (left-padded) and the attention mask over prefix and remainder; the
-        batch unchanged when the rows share nothing."""
+        reuses a shared prefix. `names`: the adapter per row for PEFT (one for all), or None.
+        -> each row's remaining tokens (left-padded) and the attention mask over prefix and
+        remainder; the batch unchanged when the rows share nothing."""
         shared = shared_prefix_length(inputs, mask)
         if shared == 0:
             return inputs, mask
@@ -536,7 +538,7 @@ class TransformersBackend(ModelBackend):
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
-            **self._adapter_kwargs(names),
+            **self._adapter_kwargs(names, [0]),
         )
         share_prefix(cache, len(inputs))
         own = mask.sum(dim=1) - shared
@@ -641,7 +643,7 @@ class TransformersBackend(ModelBackend):
                 position_ids=cont_positions,
                 cache=cache,
                 use_cache=True,
-                **self._adapter_kwargs(None if names is None else [names[b] for b, _ in rows]),
+                **self._adapter_kwargs(names, [b for b, _ in rows]),
             ).logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
             for r, (_, cont) in enumerate(rows):
