@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generation_throughput as G  # noqa: E402
 
 
-def make_adapters(config, root: Path, count: int) -> dict[str, str]:
-    """LoRA adapters (r=8, alpha=16, all linear layers) with random weights from their own seeds."""
+def make_adapters(config, folder: Path, names: list[str], rank: int = 8) -> dict[str, str]:
+    """LoRA adapters (alpha 2 x rank, all linear layers) at folder/<name>, with random weights
+    from their own seeds (the index in `names`) that change the model's outputs."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -36,15 +37,15 @@ def make_adapters(config, root: Path, count: int) -> dict[str, str]:
         model = AutoModelForCausalLM.from_config(config)
     model = model.to_empty(device="cpu")
     paths = {}
-    for k in range(count):
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for k, adapter in enumerate(names):
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
         generator = torch.Generator().manual_seed(k)
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 scale = param.shape[1] ** -0.5 if "lora_A" in name else 0.05
                 param.data = torch.randn(param.shape, generator=generator) * scale
-        paths[f"domain{k}"] = str(root / f"domain{k}")
-        peft_model.save_pretrained(paths[f"domain{k}"])
+        paths[adapter] = str(folder / adapter)
+        peft_model.save_pretrained(paths[adapter])
         model = peft_model.unload()
     return paths
 
@@ -54,7 +55,7 @@ def adapter_rates(backend, count: int, batch: int, new_tokens: int, trials: int 
     from selfspec.models import SamplingParams
 
     with tempfile.TemporaryDirectory(prefix="selfspec-adapters-") as root:
-        for name, path in make_adapters(backend.model.config, Path(root), count).items():
+        for name, path in make_adapters(backend.model.config, Path(root), [f"domain{k}" for k in range(count)]).items():
             backend.load_adapter(name, path)
     names = list(backend.adapter_paths)
     params = SamplingParams(max_new_tokens=new_tokens)

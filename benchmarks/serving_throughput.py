@@ -29,6 +29,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from adapter_throughput import make_adapters  # noqa: E402
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,30 +42,6 @@ PROMPTS = [
     "What does an interest rate cut usually do to bond prices?",
     "Summarize what a vaccine does in one sentence.",
 ]
-
-
-def make_adapters(root: Path, count: int, rank: int) -> list[Path]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from selfspec.models.resolve import resolve_model
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model("embedded:smollm2-135m-instruct")))
-    model = model.to_empty(device="cpu")
-    paths = []
-    for k in range(count):
-        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
-        generator = torch.Generator().manual_seed(k)
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.data = torch.randn(param.shape, generator=generator) * 0.02
-        path = root / "bench" / "adapters" / f"a{k + 1}"
-        peft_model.save_pretrained(path)
-        paths.append(path)
-        model = peft_model.unload()
-    return paths
 
 
 def free_port() -> int:
@@ -121,8 +101,10 @@ def main() -> int:
     import ray
     from openai import OpenAI
     from ray import serve
+    from transformers import AutoConfig
 
     from selfspec.config import RunConfig
+    from selfspec.models.resolve import resolve_model
     from selfspec.serving.app import APP_NAME, build_app
 
     lines: list[str] = []
@@ -132,7 +114,10 @@ def main() -> int:
         lines.append(text)
 
     workdir = Path(tempfile.mkdtemp(prefix="serving-bench-"))
-    adapters = make_adapters(workdir / "runs", 8, args.rank)
+    architecture = AutoConfig.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))
+    names = [f"a{k + 1}" for k in range(8)]
+    folder = workdir / "runs" / "bench" / "adapters"
+    adapters = [Path(p) for p in make_adapters(architecture, folder, names, args.rank).values()]
     adapter_bytes = [sum(f.stat().st_size for f in p.glob("adapter_model.*")) for p in adapters]
     config = RunConfig.model_validate(
         {

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from lora_adapters import write_random_lora_adapter
+
 from selfspec.models import SamplingParams
 from selfspec.models.resolve import ModelNotFoundError, embedded_gguf_path, resolve_model
 
@@ -242,23 +244,6 @@ def test_shared_context_scoring_equals_scoring_each_whole_sequence(fp32_backend)
         assert value == pytest.approx(whole, abs=1e-3)
 
 
-def random_lora_adapter(backend, path, seed: int) -> str:
-    """A LoRA adapter (r=8, all linear layers) on the backend's architecture, random weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(backend.model.config)
-    peft_model = get_peft_model(model.to_empty(device="cpu"), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in peft_model.named_parameters():
-        if "lora_" in name:
-            param.data = torch.randn(param.shape, generator=generator) * (param.shape[1] ** -0.5 if "lora_A" in name else 0.05)
-    peft_model.save_pretrained(path)
-    return str(path)
-
-
 def test_folded_adapter_equals_peft_and_leaves_the_base_exact(tmp_path):
     """A batch on one adapter runs with it folded into a weight copy: the same greedy texts and
     log-likelihoods as PEFT applying it layer by layer (fp32); base batches after it get the
@@ -278,7 +263,7 @@ def test_folded_adapter_equals_peft_and_leaves_the_base_exact(tmp_path):
         return [c[0].text for c in backend.generate(prompts, params, adapters)]
 
     base = texts()
-    backend.load_adapter("bio", random_lora_adapter(backend, tmp_path / "bio", seed=1))
+    backend.load_adapter("bio", str(write_random_lora_adapter(backend.model.config, tmp_path / "bio", seed=1)))
     folded, folded_ll = texts("bio"), backend.loglikelihood(requests, "bio")
     assert backend._folded is not None and backend._folded.name == "bio"
     backend.merge_single_adapter = False

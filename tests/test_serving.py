@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lora_adapters import write_random_lora_adapter
 
 from selfspec.config import RunConfig
 from selfspec.serving.registry import (
@@ -41,31 +42,18 @@ QUESTION = [{"role": "user", "content": "What is insulin?"}]
 
 # -- adapters and eval results built for the tests --------------------------------------
 def make_adapters(runs: Path, specs: dict[str, tuple[str, int]]) -> dict[str, Path]:
-    """PEFT LoRA adapters on the embedded model's architecture, every LoRA weight drawn from
-    the adapter's own seed (not the global RNG, which earlier tests leave in any state)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """LoRA adapters (r=4 on q_proj and v_proj, large lora_B so answers change) on the embedded
+    model's architecture, at runs/<run>/adapters/<name>, each drawn from its own seed."""
+    from transformers import AutoConfig
 
     from selfspec.models.resolve import resolve_model
 
-    # Adapter files depend only on layer shapes: a weightless (meta) model is enough.
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model("embedded:smollm2-135m-instruct")))
-    model = model.to_empty(device="cpu")
-    paths = {}
-    for name, (run, seed) in specs.items():
-        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        generator = torch.Generator().manual_seed(seed)
-        for param_name, param in peft_model.named_parameters():
-            if "lora_A" in param_name:
-                param.data = torch.randn(param.shape, generator=generator) * param.shape[1] ** -0.5
-            if "lora_B" in param_name:
-                param.data = torch.randn(param.shape, generator=generator) * 0.5
-        paths[name] = runs / run / "adapters" / name
-        peft_model.save_pretrained(paths[name])
-        model = peft_model.unload()
-    return paths
+    config = AutoConfig.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))
+    return {
+        name: write_random_lora_adapter(config, runs / run / "adapters" / name, seed, r=4,
+                                        target_modules=["q_proj", "v_proj"], b_scale=0.5)
+        for name, (run, seed) in specs.items()
+    }
 
 
 def metrics_doc(adapter: str, adapter_path: str, ours: float, base: float, ci_low: float | None = 0.01) -> dict:
