@@ -195,6 +195,10 @@ def main() -> None:
     if llama:
         print(f"  best batch / llama-cpp-python:    {rates[best] / llama:6.1f}x")
     print(f"  achieved / matmul GFLOP/s at best: {2 * params * rates[best] / 1e9 / peak:6.1%}")
+    if llama:
+        needed = 2 * params * 10 * llama / 1e9
+        print(f"10x llama-cpp-python ({10 * llama:.0f} tok/s) needs {needed:.0f} GFLOP/s, "
+              f"{needed / peak:.0%} of this machine's {dtype} matmul rate")
 
 
 if __name__ == "__main__":
