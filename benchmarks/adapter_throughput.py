@@ -29,25 +29,9 @@ import generation_throughput as G  # noqa: E402
 def make_adapters(config, folder: Path, names: list[str], rank: int = 8) -> dict[str, str]:
     """LoRA adapters (alpha 2 x rank, all linear layers) at folder/<name>, with random weights
     from their own seeds (the index in `names`) that change the model's outputs."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from selfspec.testing import write_random_lora_adapter
 
-    # Adapter files depend only on layer shapes: a weightless (meta) model is enough.
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model = model.to_empty(device="cpu")
-    paths = {}
-    for k, adapter in enumerate(names):
-        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
-        generator = torch.Generator().manual_seed(k)
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                scale = param.shape[1] ** -0.5 if "lora_A" in name else 0.05
-                param.data = torch.randn(param.shape, generator=generator) * scale
-        paths[adapter] = str(folder / adapter)
-        peft_model.save_pretrained(paths[adapter])
-        model = peft_model.unload()
-    return paths
+    return {name: str(write_random_lora_adapter(config, folder / name, seed=k, r=rank)) for k, name in enumerate(names)}
 
 
 def adapter_rates(backend, count: int, batch: int, new_tokens: int, trials: int = 2) -> None:

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-from lora_adapters import write_random_lora_adapter
-
 from selfspec.models import SamplingParams
 from selfspec.models.resolve import ModelNotFoundError, embedded_gguf_path, resolve_model
+from selfspec.testing import write_random_lora_adapter
 
 QUESTIONS = [
     "What is the main function of insulin?",

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from lora_adapters import write_random_lora_adapter
 
 from selfspec.config import RunConfig
 from selfspec.serving.registry import (
@@ -33,6 +32,7 @@ from selfspec.serving.registry import (
     read_index,
     set_current,
 )
+from selfspec.testing import write_random_lora_adapter
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-123"

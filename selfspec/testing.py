@@ -1,4 +1,5 @@
-"""Untrained LoRA adapters for tests, written in seconds: real PEFT files on a model's architecture."""
+"""Helpers for tests and benchmarks (as `transformers.testing_utils`): untrained LoRA adapters,
+written in seconds, as real PEFT files on a model's architecture."""
 
 from __future__ import annotations
 
