@@ -88,8 +88,6 @@ def encoder_flops(model, texts: list[str]) -> float:
     """Multiply-adds x 2 of one encoder pass over `texts` as the model truncates them: every
     linear layer per token, plus the attention scores and weighted sum (4 x n x hidden per
     token and layer, for a text of n tokens)."""
-    import torch
-
     transformer = model[0].auto_model
     linear = sum(m.weight.numel() for m in transformer.modules() if isinstance(m, torch.nn.Linear))
     config = transformer.config

@@ -6,10 +6,10 @@ all rows of a batch share (a chat preamble, a task template) are prefilled once;
 `decode_attention` their KV cache is stored once for all rows, elsewhere repeated to each.
 On CPU, decode attention is two batched matmuls per key/value head (`decode_attention`,
 registered with transformers), over a KV cache whose new tokens go to a short tail that is
-merged once a segment (no whole-cache copy per step); greedy picks take the max of the bf16
-logits; every few tokens the rows that ended (eos or a stop string) leave the batch and the
-cache, so the others no longer carry them. Greedy outputs equal those of `model.generate`
-with SDPA (fp32 test). Adapters are PEFT LoRA adapters on one shared base: a batch on one
+merged once a segment (no whole-cache copy per step); greedy picks take the max of the
+logits in the model's dtype; every few tokens the rows that ended (eos or a stop string)
+leave the batch and the cache, so the others no longer carry them. Greedy outputs equal
+those of `model.generate` with SDPA (fp32 test). Adapters are PEFT LoRA adapters on one shared base: a batch on one
 adapter runs with it folded into a copy of the weights it changes (`FoldedAdapter`); a
 batch that mixes adapters passes `adapter_names`, which PEFT applies row by row.
 """
