@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrieve": ("selfspec.stages.retrieve:cli_retrieve", "query a retrieval index (for inspection)"),
     "export": ("selfspec.stages.train:cli_export", "export an adapter, optionally merged into the base"),
     "promote": ("selfspec.serving.registry:cli_promote", "register an adapter under a versioned name if it beats the base"),
+    "inspect": ("selfspec.inspect_data:cli", "profile generated data against its seeds and show random rows"),
 }
 
 
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "promote":
             command.add_argument("adapter", help="adapter directory with evaluation results")
             command.add_argument("--name", help="registered name (default: the adapter's domain)")
+        if name == "inspect":
+            command.add_argument("--rows", type=int, default=10, metavar="N", help="random rows to show (default: 10)")
+            command.add_argument("--seed", type=int, default=0, help="seed for drawing the rows (default: 0)")
+            command.add_argument("--task", metavar="TYPE", help="show only rows of this task type (the profile covers all rows)")
+            command.add_argument("--file", metavar="PATH", help="a Parquet, Alpaca JSON/JSONL or chat JSONL file (default: the run's data/examples.parquet)")
     return parser
 
 

@@ -310,6 +310,28 @@ def sample_table(metrics: dict[str, Any], predictions: dict[str, dict[str, list[
     return _html_table(header, rows)
 
 
+def data_quality_html(profile: dict[str, Any]) -> str:
+    """A `data_profile.profile` as HTML: the task-type mix of the data beside the seeds',
+    and each task type's label balance, data beside seeds."""
+    from selfspec.data_profile import headline, label_counts, task_name
+
+    mix = []
+    for task, sides in profile["tasks"].items():
+        d, s = sides["examples"], sides["seeds"]
+        mix.append([(task_name(task), ""), (str(d["count"]), ""), (f"{d['share']:.1%}", ""), (str(s["count"]), ""), (f"{s['share']:.1%}", "")])
+    parts = [
+        f"<p class='note'>{html.escape(headline(profile))}</p>",
+        _html_table(["Task type", "Examples", "Share", "Seeds", "Seed share"], mix),
+    ]
+    if profile["labels"]:
+        balance = [
+            [(task_name(task), ""), (label_counts(sides["examples"]), "text"), (label_counts(sides["seeds"]), "text")]
+            for task, sides in profile["labels"].items()
+        ]
+        parts.append(_html_table(["Task type", "Labels in examples", "Labels in seeds"], balance))
+    return "\n".join(parts)
+
+
 def render_html(
     metrics: dict[str, Any], predictions: dict[str, dict[str, list[dict[str, Any]]]], run_dir: RunDir
 ) -> str:
