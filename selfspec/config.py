@@ -132,7 +132,9 @@ class EvalConfig(StageConfig):
 
     tasks: list[str] = ["builtin:biomedical", "builtin:finance"]
     shots: list[int] = [0]
-    scoring: Literal["loglik", "generate"] = "loglik"
+    # Choice tasks: log-likelihood over the label set, generation + label extraction, or both
+    # (generation is then the headline, as in the paper; log-likelihood is reported beside it).
+    scoring: Literal["loglik", "generate", "both"] = "loglik"
     max_examples: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     bootstrap: int = Field(1000, ge=0)

@@ -1,6 +1,8 @@
 """Evaluation results for people: a markdown table and a self-contained HTML report.
 
-Both read the metrics document that `selfspec.stages.evaluate.run_eval` writes.
+Both read the metrics document that `selfspec.stages.evaluate.run_eval` writes:
+the headline scoring first, then, under eval.scoring=both, the choice tasks scored by
+log-likelihood (`by_scoring`) with the domain averages that scoring gives.
 The HTML report embeds its figures as base64 PNG and its style inline, so it opens
 offline and fetches nothing: per-task scores with 95% CIs, the data generation
 funnel (`data/summary.json`) and the training loss curve (`train/metrics.jsonl`)
@@ -111,18 +113,43 @@ def verdicts(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+SCORING_NAMES = {"loglik": "log-likelihood over the label set", "generate": "generation and label extraction"}
+
+
+def scorings(metrics: dict[str, Any]) -> list[str]:
+    """The document's scorings, headline first (documents before `both` name one)."""
+    return metrics.get("scorings") or [metrics["scoring"]]
+
+
+def scoring_view(metrics: dict[str, Any], scoring: str) -> dict[str, Any]:
+    """The document as if it held only `scoring`: its results and domain averages, and
+    only the tasks scored that way (for log-likelihood: the choice tasks)."""
+    tasks = {t: info for t, info in metrics["tasks"].items() if scoring in info.get("scorings", [scoring])}
+    return {**metrics, **metrics["by_scoring"][scoring], "tasks": tasks}
+
+
 def describe(metrics: dict[str, Any]) -> str:
     ci = (
         f"95% bootstrap CIs ({metrics['bootstrap']} resamples, seed {metrics['seed']})"
         if metrics["bootstrap"]
         else "no confidence intervals (eval.bootstrap=0)"
     )
+    headline, *others = scorings(metrics)
+    scored = SCORING_NAMES[headline] + "".join(f" (and, reported below, by {SCORING_NAMES[s]})" for s in others)
     return (
-        f"Model `{metrics['model_ref']}`; classification scored by "
-        f"{'log-likelihood over the label set' if metrics['scoring'] == 'loglik' else 'generation and label extraction'}; "
+        f"Model `{metrics['model_ref']}`; classification scored by {scored}; "
         f"{ci}. Δ is each model minus `{metrics['reference']}` on the same examples, "
         "with a paired bootstrap CI."
     )
+
+
+def other_scoring_title(scoring: str) -> str:
+    return f"Choice tasks scored by {SCORING_NAMES[scoring]}"
+
+
+OTHER_SCORING_NOTE = (
+    "Domain averages here take the choice tasks scored this way and the other tasks as above."
+)
 
 
 # -- markdown ------------------------------------------------------------------
@@ -147,6 +174,18 @@ def render_markdown(metrics: dict[str, Any]) -> str:
         "",
         _markdown_table(*domain_rows(metrics)),
     ]
+    for scoring in scorings(metrics)[1:]:
+        view = scoring_view(metrics, scoring)
+        parts += [
+            "",
+            f"## {other_scoring_title(scoring)}",
+            "",
+            _markdown_table(*table_rows(view)),
+            "",
+            OTHER_SCORING_NOTE,
+            "",
+            _markdown_table(*domain_rows(view)),
+        ]
     if metrics.get("command"):
         parts += ["", f"Reproduce: `{metrics['command']}`"]
     return "\n".join(parts) + "\n"
@@ -292,7 +331,12 @@ def sample_table(metrics: dict[str, Any], predictions: dict[str, dict[str, list[
     """A few examples of one task (lowest shot count), disagreements between models first."""
     models = list(metrics["models"])
     shot = min(metrics["shots"])
-    by_model = {m: [r for r in predictions[m][task] if r["shot"] == shot] for m in models}
+    headline, task_scorings = scorings(metrics)[0], metrics["tasks"][task].get("scorings") or scorings(metrics)
+    scoring = headline if headline in task_scorings else task_scorings[0]
+    by_model = {
+        m: [r for r in predictions[m][task] if r["shot"] == shot and r.get("scoring", scoring) == scoring]
+        for m in models
+    }
     first = by_model[models[0]]
     order = sorted(
         range(len(first)),
@@ -351,6 +395,14 @@ def render_html(
         "<p class='note'>Green: the paired 95% CI of the difference lies above zero; red: below.</p>",
         _html_table(*table_rows(metrics)),
     ]
+    for scoring in scorings(metrics)[1:]:
+        view = scoring_view(metrics, scoring)
+        parts += [
+            f"<h2>{html.escape(other_scoring_title(scoring))}</h2>",
+            _html_table(*table_rows(view)),
+            f"<p class='note'>{html.escape(OTHER_SCORING_NOTE)}</p>",
+            _html_table(*domain_rows(view)),
+        ]
     if summary:
         parts += ["<h2>Data generation</h2>", _img(funnel_figure(summary), "data generation funnel")]
     if train:

@@ -5,6 +5,10 @@ A task directory holds `test.jsonl` (required), `dev.jsonl` and/or `train.jsonl`
 `labels`, `answer_format`, optionally `domain` and `seed_task`). Each JSONL line is
 `{"id", "input", "output", "choices"?, "meta"?}` (see ../shared/data/README.md).
 Any problem in a file is reported as `file:line: message` through `TaskError`.
+A task whose every gold output is two or more `Type: a; b` lines (BC5CDR's
+"Chemicals: ..." / "Diseases: ...") is a typed entity task: answers are read and
+scored as (type, mention) pairs. A task scored by `numeric_match` also reports
+`numeric_match_scaled` (see selfspec.metrics).
 
 `builtin:DOMAIN` names the small held-out task sets shipped in
 `selfspec/resources/tasks/DOMAIN/`; any other spec is a task directory or a
@@ -14,14 +18,22 @@ directory searched recursively for task directories.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from selfspec.metrics import typed_entities
+
 BUILTIN_TASKS = Path(__file__).parent / "resources" / "tasks"
-METRICS = ("accuracy", "macro_f1", "rouge_l", "entity_f1", "numeric_em", "exact_match")
+METRICS = (
+    "accuracy", "macro_f1", "rouge_l", "entity_f1", "numeric_em", "exact_match",
+    "numeric_match", "numeric_match_scaled", "token_f1",
+)
+NUMERIC_METRICS = {"numeric_em", "numeric_match", "numeric_match_scaled"}
 TASK_YAML_FIELDS = {
     "name", "domain", "instruction", "metric", "metrics", "labels", "answer_format", "seed_task",
 }
@@ -47,7 +59,8 @@ class Task:
     """One evaluation task, loaded and validated.
 
     `kind` decides scoring: "choice" (a label set: log-likelihood or generation with
-    label extraction), "entities" (a '; '-separated list), "numeric" or "text".
+    label extraction), "entities" (a '; '-separated list, typed when `entity_types`),
+    "numeric" (only numeric metrics) or "text".
     """
 
     name: str
@@ -67,9 +80,20 @@ class Task:
             return "choice"
         if "entity_f1" in self.metrics:
             return "entities"
-        if "numeric_em" in self.metrics:
+        if set(self.metrics) <= NUMERIC_METRICS:
             return "numeric"
         return "text"
+
+    @cached_property
+    def entity_types(self) -> tuple[str, ...] | None:
+        """The entity types of a typed entity task (every gold is `Type: a; b` lines),
+        in order of first appearance; None for an untyped one."""
+        if self.kind != "entities":
+            return None
+        typed = [typed_entities(row["output"]) for row in self.test]
+        if not all(t is not None for t in typed):
+            return None
+        return tuple(dict.fromkeys(name for t in typed for name in t))
 
     @property
     def primary_metric(self) -> str:
@@ -134,14 +158,38 @@ def _row_problem(row: Any) -> str | None:
     return None
 
 
+def _read_flat_yaml(text: str) -> dict[str, Any] | None:
+    """task.yaml written as one `field: value` per line, where a value may hold ': '
+    unquoted ("instruction: answer in two lines: 'Chemicals: a'"), which YAML rejects:
+    each value is read as YAML when it is a plain value or list, else as the text itself.
+    None when the file has any other shape."""
+    data: dict[str, Any] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = re.match(r"([A-Za-z_]\w*):(?:\s+(.*))?$", line)
+        if not match:
+            return None
+        raw = (match.group(2) or "").strip()
+        try:
+            value = yaml.load(raw, Loader=_TaskYamlLoader)
+        except yaml.YAMLError:
+            value = raw
+        data[match.group(1)] = raw if isinstance(value, dict) else value
+    return data
+
+
 def _read_task_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
+    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskYamlLoader) or {}
+        data = yaml.load(text, Loader=_TaskYamlLoader) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise TaskError(f"{path}:{mark.line + 1 if mark else 1}: invalid YAML: {exc}") from None
+        data = _read_flat_yaml(text)
+        if data is None:
+            mark = getattr(exc, "problem_mark", None)
+            raise TaskError(f"{path}:{mark.line + 1 if mark else 1}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise TaskError(f"{path}:1: task.yaml must be a mapping")
     unknown = set(data) - TASK_YAML_FIELDS
@@ -162,6 +210,10 @@ def _metric_list(value: Any, path: Path) -> tuple[str, ...] | None:
     bad = [n for n in names if n not in METRICS]
     if bad:
         raise TaskError(f"{path}: unknown metric(s) {bad} (known: {', '.join(METRICS)})")
+    if "numeric_match" in names and "numeric_match_scaled" not in names:
+        # The FinQA x/100, x*100 variant is reported beside the main figure, never in it.
+        at = names.index("numeric_match") + 1
+        names = [*names[:at], "numeric_match_scaled", *names[at:]]
     return tuple(names)
 
 

@@ -15,13 +15,20 @@ from selfspec.metrics import (
     bootstrap_weights,
     extract_entities,
     extract_label,
+    extract_typed_entities,
     metric_stats,
     metric_value,
     paired_difference,
+    parse_final_number,
     parse_number,
     score_with_ci,
 )
 from selfspec.tasks import BUILTIN_TASKS, TaskError, load_task, load_tasks
+
+CHEMPROT_LABELS = [
+    "INHIBITOR", "SUBSTRATE", "INDIRECT-DOWNREGULATOR", "INDIRECT-UPREGULATOR", "ANTAGONIST", "ACTIVATOR",
+    "PRODUCT-OF", "AGONIST", "DOWNREGULATOR", "UPREGULATOR", "AGONIST-INHIBITOR", "AGONIST-ACTIVATOR",
+]
 
 YESNO = [
     ("q1", "Abstract: Aspirin lowered the rate of stroke by half in the trial.\nQuestion: Does aspirin lower stroke risk?", "yes"),
@@ -100,6 +107,38 @@ def test_task_tree_expands_recursively_with_domains(tmp_path):
         load_tasks([str(tmp_path), str(yesno_task(tmp_path / "copy" / "yesno"))])
 
 
+def test_every_shared_task_loads(shared_data):
+    """All ten task.yaml files of the shared data load, bc5cdr's unquoted 'Chemicals: a'
+    values included, with the kinds and metrics their scoring needs."""
+    tasks = {t.name: t for t in load_tasks([str(shared_data)])}
+    assert set(tasks) == {
+        "bc5cdr", "bioasq_yesno", "chemprot", "ncbi_disease", "pubmedqa",
+        "convfinqa", "fpb", "gold_headline", "sentfin", "tatqa",
+    }
+    assert tasks["bc5cdr"].instruction.endswith("(write 'none' for an empty list).")
+    assert tasks["bc5cdr"].entity_types == ("Chemicals", "Diseases")
+    assert tasks["ncbi_disease"].kind == "entities" and tasks["ncbi_disease"].entity_types is None
+    assert tasks["convfinqa"].kind == "numeric"
+    assert tasks["convfinqa"].metrics == ("numeric_match", "numeric_match_scaled")
+    assert tasks["tatqa"].kind == "text"
+    assert tasks["tatqa"].metrics == ("exact_match", "numeric_match", "numeric_match_scaled", "token_f1")
+    assert tasks["chemprot"].kind == "choice" and len(tasks["chemprot"].labels) == 12
+
+
+def test_task_yaml_with_unquoted_colons_in_values(tmp_path):
+    folder = write_task(
+        tmp_path / "bio" / "typed",
+        [{"id": "a", "input": "x", "output": "Chemicals: none\nDiseases: none"}],
+        "name: typed\ninstruction: Answer in two lines: 'Chemicals: a; b' and 'Diseases: c'.\nmetric: [entity_f1]\n",
+    )
+    task = load_task(folder)
+    assert task.instruction == "Answer in two lines: 'Chemicals: a; b' and 'Diseases: c'."
+    assert task.metrics == ("entity_f1",) and task.entity_types == ("Chemicals", "Diseases")
+    (folder / "task.yaml").write_text("name: typed\n  nested: [1\n")
+    with pytest.raises(TaskError, match="task.yaml:2: invalid YAML"):
+        load_task(folder)
+
+
 @pytest.mark.skipif(not (BUILTIN_TASKS / "biomedical").is_dir(), reason="builtin tasks not shipped yet")
 def test_builtin_task_sets_load():
     tasks = load_tasks(["builtin:biomedical", "builtin:finance"])
@@ -126,6 +165,71 @@ def test_entity_numeric_and_rouge_metrics():
     assert parse_number("Growth was 12% in 2023") == 12.0
     assert value("numeric_em", [1240.0, 1300.0, None], ["1234.5", "1234.5", "7"]) == pytest.approx(1 / 3)
     assert value("rouge_l", ["net sales rose", "profit fell"], ["net sales rose", "shares were flat"]) == 0.5
+
+
+def scores(metric, preds, golds, metas=None):
+    """Per-example scores of a mean metric."""
+    return list(metric_stats(metric, preds, golds, 0.01, metas)[:, 0])
+
+
+def test_numeric_match_convfinqa():
+    """ConvFinQA: gold is the program's raw result, percentages as fractions."""
+    assert parse_final_number("In 2008 it was 168, so 168 / 3 = 56") == 56.0
+    assert parse_final_number("The answer is $1,949 (up from 1,800 in 2018)") == 1949.0
+    assert parse_final_number("It fell from 2008-2009 by -3.5%") == -3.5
+    preds = ["0.12574", "0.1257", "12.574%", "12.574", "0.13", "56", "$56.4", "57", None, "No.", "yes"]
+    golds = ["0.12574"] * 5 + ["56"] * 4 + ["no", "no"]
+    metas = [{"answer_is_number": True}] * 9 + [{"answer_is_number": False}] * 2
+    # Rounded to the gold's 5 decimals or within 1%: 0.1257 is 0.03% off; 0.13 is 3.4% off.
+    # "12.574%" is the right percentage but only the scaled variant (x/100) accepts it.
+    assert scores("numeric_match", preds, golds, metas) == [1, 1, 0, 0, 0, 1, 1, 0, 0, 1, 0]
+    assert scores("numeric_match_scaled", preds, golds, metas) == [1, 1, 1, 1, 0, 1, 1, 0, 0, 1, 0]
+    # Without meta a gold that is one number is numeric, any other is text.
+    assert scores("numeric_match", ["$1,234.0", "No"], ["1234", "no"]) == [1, 1]
+
+
+def test_tatqa_metrics():
+    """TAT-QA: numbers in the unit of meta.scale at 2 decimals; spans by text; multi-spans as sets."""
+    rows = [  # (prediction, gold, answer_type, scale)
+        ("-22.22%", "-22.22", "arithmetic", "percent"),
+        ("-22.2", "-22.22", "arithmetic", "percent"),
+        ("-0.2222", "-22.22", "arithmetic", "percent"),
+        ("It was -12.6 million", "-12.6", "arithmetic", "million"),
+        ("3", "3", "count", ""),
+        ("$1,949", "$1,949", "span", "thousand"),
+        ("1,949", "$1,949", "span", "thousand"),
+        ("$282; $234; $259", "$234; $259; $282", "multi-span", "thousand"),
+        ("$234; $282", "$234; $259; $282", "multi-span", "thousand"),
+        ("net sales rose", "the net sales", "span", ""),
+    ]
+    preds, golds = [r[0] for r in rows], [r[1] for r in rows]
+    metas = [{"answer_type": r[2], "scale": r[3]} for r in rows]
+    assert scores("exact_match", preds, golds, metas) == [0, 0, 0, 0, 1, 1, 0, 1, 0, 0]
+    assert scores("numeric_match", preds, golds, metas) == [1, 0, 0, 1, 1, 1, 0, 1, 0, 0]
+    assert scores("numeric_match_scaled", preds, golds, metas) == [1, 0, 1, 1, 1, 1, 0, 1, 0, 0]
+    # Spans: SQuAD token F1 ("1,949" and "$1,949" are one token); two of three spans: 2/3;
+    # "net sales rose" vs "the net sales": P 2/3, R 1 -> 0.8. Numbers score their numeric match.
+    assert scores("token_f1", preds, golds, metas) == pytest.approx([1, 0, 0, 1, 1, 1, 1, 1, 2 / 3, 0.8])
+    assert value("token_f1", ["Net sales"], ["net sales."]) == 1.0
+
+
+def test_typed_entity_f1():
+    """BC5CDR: (type, mention) pairs; a chemical listed as a disease is a miss."""
+    gold = "Chemicals: dobutamine\nDiseases: Torsade de pointes; congestive heart failure"
+    types = ["Chemicals", "Diseases"]
+    right = extract_typed_entities("Chemicals: Dobutamine\nDiseases: torsade de pointes; congestive heart failure", types)
+    assert right == [["Chemicals", "dobutamine"], ["Diseases", "congestive heart failure"], ["Diseases", "torsade de pointes"]]
+    assert value("entity_f1", [right], [gold]) == 1.0
+    swapped = extract_typed_entities("Chemicals: none\nDiseases: dobutamine; congestive heart failure", types)
+    # tp: congestive heart failure; fp: (disease, dobutamine); fn: the chemical and torsade de pointes.
+    assert value("entity_f1", [swapped], [gold]) == pytest.approx(2 / (2 + 1 + 2))
+    # Bullets under a header, either number of the type name; text before any header ignored.
+    listed = extract_typed_entities("Here they are.\n**Chemical:**\n- dobutamine\nDisease: none", types)
+    assert listed == [["Chemicals", "dobutamine"]]
+    # Micro-averaged over examples; an empty gold ("none") with an empty answer adds nothing.
+    assert value("entity_f1", [listed, []], [gold, "Chemicals: none\nDiseases: none"]) == pytest.approx(2 / 4)
+    # Untyped tasks (NCBI disease) are unchanged.
+    assert value("entity_f1", [["ataxia"]], ["Ataxia; cancer"]) == pytest.approx(2 / 3)
 
 
 def test_answer_extraction():
@@ -177,6 +281,116 @@ def test_loglik_batch_equals_single(fp32_backend, tmp_path):
         assert alone["output"] == together["output"]
         for label in ("yes", "no", "maybe"):
             assert alone["logliks"][label] == pytest.approx(together["logliks"][label], abs=1e-4)
+
+
+def chemprot_task(folder: Path) -> Path:
+    """A ChemProt-like task: 12 labels its instruction does not list, rows carrying them as choices."""
+    rows = [
+        {"id": "c1", "input": "<< Aspirin >> irreversibly inhibits [[ COX-1 ]].", "output": "INHIBITOR", "choices": CHEMPROT_LABELS},
+        {"id": "c2", "input": "<< Losartan >> blocks the [[ AT1 receptor ]].", "output": "ANTAGONIST", "choices": CHEMPROT_LABELS},
+    ]
+    meta = "name: relations\ninstruction: Which relation does the chemical have to the protein? Answer with one label.\n"
+    meta += f"metric: [accuracy, macro_f1]\nlabels: [{', '.join(CHEMPROT_LABELS)}]\n"
+    return write_task(folder, rows, meta)
+
+
+def test_prompt_names_a_label_set_the_instruction_does_not(tmp_path):
+    from selfspec.stages.evaluate import build_messages
+
+    chemprot = load_task(chemprot_task(tmp_path / "bio" / "relations"))
+    prompt = build_messages(chemprot, chemprot.test[0], [])[-1]["content"]
+    assert prompt.endswith("\n\nAnswer with one of: " + ", ".join(CHEMPROT_LABELS) + ".")
+    assert "Options:" not in prompt
+    # "yes, no or maybe" is already in the instruction: nothing added.
+    yesno = load_task(yesno_task(tmp_path / "bio" / "yesno"))
+    assert build_messages(yesno, yesno.test[0], [])[-1]["content"].endswith("Question: Does aspirin lower stroke risk?")
+    # A row with its own choices gets them as options instead.
+    row = {"id": "m", "input": "Which organ makes insulin?", "output": "pancreas", "choices": ["liver", "pancreas"]}
+    prompt = build_messages(chemprot, row, [])[-1]["content"]
+    assert prompt.endswith("Options:\n- liver\n- pancreas") and "Answer with one of" not in prompt
+
+
+def test_demos_never_come_from_test_rows(tmp_path):
+    """k-shot demos come from dev.jsonl, or without one from the seeds, never from test rows,
+    even where a dev row or seed repeats a test input."""
+    from selfspec.seeds import load_seeds
+    from selfspec.stages.evaluate import build_requests, demo_pool, pick_demos
+
+    rows = [{"id": f"t{i}", "input": f"Abstract: finding {i}.\nQuestion: Is finding {i} real?", "output": "yes"} for i in range(6)]
+    meta = "name: {}\ninstruction: Answer the question with yes or no.\nlabels: [\"yes\", \"no\"]\n"
+    dev = [{"id": f"d{i}", "input": f"Abstract: dev finding {i}.\nQuestion: Is it real?", "output": "no"} for i in range(3)]
+    dev.append({"id": "d-leak", "input": "abstract:  finding 0.\nquestion: is finding 0 real?", "output": "yes"})
+    with_dev = write_task(tmp_path / "biomedical" / "with_dev", rows, meta.format("with_dev"), dev)
+    no_dev = write_task(tmp_path / "biomedical" / "no_dev", rows, meta.format("no_dev"))
+    seed_file = tmp_path / "seeds.yaml"
+    seeds = [{"id": f"s{i}", "task": "yes_no_qa", "instruction": "Answer yes or no.", "input": f"Seed question {i}?", "output": "yes"} for i in range(3)]
+    seeds.append({"id": "s-leak", "task": "yes_no_qa", "instruction": "Answer yes or no.", "input": rows[1]["input"], "output": "yes"})
+    seed_file.write_text(json.dumps({"domain": "biomedical", "seeds": seeds}))
+    seed_sets = [load_seeds(seed_file)]
+    tasks = load_tasks([str(with_dev), str(no_dev)])
+    assert [d["id"] for d in demo_pool(tasks[0], "auto", seed_sets)] == ["d0", "d1", "d2"]
+    assert [d["id"] for d in demo_pool(tasks[1], "auto", seed_sets)] == ["s0", "s1", "s2"]
+
+    test_ids = {r["id"] for r in rows}
+    test_texts = {" ".join(r["input"].lower().split()) for r in rows}
+    for task in tasks:
+        for row in rows:
+            demos = pick_demos(demo_pool(task, "auto", seed_sets), 3, row["id"], seed=0)
+            assert len(demos) == 3 and not {d["id"] for d in demos} & test_ids
+    requests = build_requests(tasks, {"base": None}, tiny_config(tmp_path, shots=[3], scoring="both"), seed_sets)
+    demo_turns = [m["content"] for r in requests for m in r["messages"][:-1]]
+    assert len(demo_turns) == 2 * 6 * 2 * 3 * 2  # tasks x rows x scorings x shots x (user, assistant)
+    for turn in demo_turns:
+        assert not any(text in " ".join(turn.lower().split()) for text in test_texts)
+
+
+def test_both_scorings_report_each_figure(fp32_backend, tmp_path):
+    """eval.scoring=both: choice tasks by generation (headline) and by log-likelihood, each
+    with CIs, paired deltas and domain averages; other tasks by generation in both."""
+    from selfspec.config import ServeConfig
+    from selfspec.report import render_markdown
+    from selfspec.serving.registry import decide_promotion
+    from selfspec.stages.evaluate import build_requests, collect, execute, summarize
+
+    yesno_task(tmp_path / "biomedical" / "yesno")
+    write_task(
+        tmp_path / "biomedical" / "diseases",
+        [{"id": "n1", "input": "Mutations in BRCA1 cause breast cancer.", "output": "breast cancer"}],
+        "instruction: List every disease mentioned in the text, separated by semicolons.\nmetric: [entity_f1]\n",
+    )
+    tasks = load_tasks([str(tmp_path / "biomedical")])
+    config = tiny_config(tmp_path, scoring="both", max_examples=2)
+    # "copy" is the base under a second name: the deltas exist and are zero.
+    models = {"base": None, "copy": None}
+    requests = build_requests(tasks, models, config, [])
+    assert sorted({(r["task"], r["mode"]) for r in requests}) == [
+        ("diseases", "generate"), ("yesno", "generate"), ("yesno", "loglik"),
+    ]
+    predictions = collect(tasks, models, requests, execute(requests, config, models, executor="local"), 0.01)
+    metrics = json.loads(json.dumps(summarize(tasks, models, predictions, config)))
+
+    assert metrics["scorings"] == ["generate", "loglik"] and set(metrics["by_scoring"]) == {"loglik"}
+    assert metrics["tasks"]["yesno"]["scorings"] == ["generate", "loglik"]
+    assert metrics["tasks"]["diseases"]["scorings"] == ["generate"]
+    loglik = metrics["by_scoring"]["loglik"]
+    for section, mode in ((metrics, "generate"), (loglik, "loglik")):
+        rows = [r for r in predictions["base"]["yesno"] if r["scoring"] == mode]
+        assert len(rows) == 2 and all((r.get("logliks") is not None) == (mode == "loglik") for r in rows)
+        accuracy = section["results"]["base"]["yesno"]["0"]["accuracy"]
+        assert accuracy["value"] == round(recompute("accuracy", rows), 6)
+        assert accuracy["ci_low"] <= accuracy["value"] <= accuracy["ci_high"]
+        assert section["deltas"]["copy"]["yesno"]["0"]["accuracy"] == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+        domain = section["domains"]["base"]["biomedical"]["0"]
+        assert domain["primary_ci_low"] <= domain["primary"] <= domain["primary_ci_high"]
+        assert set(section["domain_deltas"]["copy"]["biomedical"]["0"]) == {"value", "ci_low", "ci_high"}
+    # Generation-only tasks carry the same figures in both.
+    assert loglik["results"]["base"]["diseases"] == metrics["results"]["base"]["diseases"]
+
+    text = render_markdown(metrics)
+    assert "## Choice tasks scored by log-likelihood over the label set" in text
+    assert text.count("| yesno | biomedical | 0 | accuracy |") == 2
+    decision = decide_promotion(metrics, "copy", "biomedical", ServeConfig())
+    assert not decision.passed and decision.checks[0]["delta"] == 0.0
 
 
 def test_generation_scoring_extracts_labels(fp32_backend, tmp_path):

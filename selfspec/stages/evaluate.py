@@ -3,14 +3,16 @@
 The stage is `requests -> model replicas -> predictions -> metrics -> report`:
 - `build_requests` turns every (task, shot, example, model) into a prompt: chat
   messages with k demonstrations (from the task's dev/train split or the domain's
-  seeds); the backend renders them with the chat template or a plain template.
+  seeds, never a test row); the backend renders them with the chat template or a
+  plain template. A label set the instruction does not spell out is named in the prompt.
 - `run_requests` is all the model work, on one backend holding the base and every
   adapter (mixed-adapter batches): classification and multiple choice are scored
-  by log-likelihood of each label (as lm-evaluation-harness does) or by greedy
-  generation; entity lists, numbers and free text by greedy generation.
+  by log-likelihood of each label (as lm-evaluation-harness does), by greedy
+  generation, or both (`eval.scoring=both`: generation is the headline, as in the
+  paper); entity lists, numbers and free text by greedy generation.
 - `prediction_record` parses each output (label, entity list, number, text) and
   scores it; `task_metrics` computes every metric with a seeded bootstrap CI and
-  a paired CI for each model's difference from the base.
+  a paired CI for each model's difference from the base, once per scoring.
 Ray Data feeds request batches to model actors (`selfspec.execution.ModelWorker`,
 `eval.replicas` of them, each with `eval.num_cpus_per_replica` CPUs and as many torch
 threads), so the base model is loaded once per replica whatever the number of adapters.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shlex
 import sys
 import time
@@ -38,11 +41,16 @@ from selfspec.metrics import (
     example_score,
     extract_entities,
     extract_label,
+    extract_typed_entities,
+    gold_number,
     interval,
     metric_stats,
+    normalize_text,
     paired_difference,
+    parse_final_number,
     parse_number,
     score_with_ci,
+    scoring_meta,
 )
 from selfspec.schema import user_message
 from selfspec.tasks import Task, TaskError, load_tasks
@@ -91,14 +99,27 @@ def resolve_models(models: list[str] | None, run_dir: RunDir) -> dict[str, str |
     return resolved
 
 
+def scorings_of(scoring: str) -> list[str]:
+    """The scorings of choice tasks a run reports, headline first."""
+    return ["generate", "loglik"] if scoring == "both" else [scoring]
+
+
 # -- prompts -------------------------------------------------------------------
+def names_every_label(instruction: str, labels: tuple[str, ...]) -> bool:
+    """Whether the instruction already spells out each label (whole words, any case)."""
+    return all(re.search(rf"(?<!\w){re.escape(label)}(?!\w)", instruction, re.IGNORECASE) for label in labels)
+
+
 def user_content(instruction: str, row: dict[str, Any], labels: tuple[str, ...] | None) -> str:
     """The user turn: instruction and input as in training data, plus options when a
-    row's choices are its own (multiple choice) rather than the task's label set."""
+    row's choices are its own (multiple choice) rather than the task's label set, or
+    the label set when the instruction does not name every label (ChemProt's 12)."""
     text = user_message(instruction, row["input"])
     choices = row.get("choices")
     if choices and tuple(choices) != tuple(labels or ()):
         text += "\n\nOptions:\n" + "\n".join(f"- {c}" for c in choices)
+    elif labels and not names_every_label(instruction, labels):
+        text += f"\n\nAnswer with one of: {', '.join(labels)}."
     return text
 
 
@@ -117,7 +138,7 @@ def seed_demo_pool(task: Task, seed_sets: list) -> list[dict[str, Any]]:
     """Seeds of the task's domain that fit it: `seed_task` from task.yaml when set, else
     the seed task type whose instructions are closest (ROUGE-L) to the task's, among
     seeds whose answers lie in the label set."""
-    from selfspec.metrics import normalize_text, rouge_l
+    from selfspec.metrics import rouge_l
 
     seeds = [dict(s) for seed_set in seed_sets if seed_set.domain == task.domain for s in seed_set.seeds]
     if task.seed_task:
@@ -138,11 +159,18 @@ def seed_demo_pool(task: Task, seed_sets: list) -> list[dict[str, Any]]:
 
 
 def demo_pool(task: Task, source: str, seed_sets: list) -> list[dict[str, Any]]:
+    """Few-shot demonstrations for a task: its dev/train split, else fitting seeds;
+    any whose input is a test row's input is left out (a demo must never be a test row)."""
+    test_inputs = {normalize_text(row["input"]) for row in task.test}
+
+    def held_out(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [d for d in pool if not d.get("input") or normalize_text(d["input"]) not in test_inputs]
+
     if source in ("auto", "split") and task.demos:
-        return task.demos
+        return held_out(task.demos)
     if source == "split":
         raise TaskError(f"{task.path}: eval.demos=split but the task has no dev.jsonl or train.jsonl")
-    pool = seed_demo_pool(task, seed_sets)
+    pool = held_out(seed_demo_pool(task, seed_sets))
     if not pool:
         raise TaskError(
             f"{task.path}: no few-shot demonstrations: no dev/train split and no fitting seeds of "
@@ -180,26 +208,27 @@ def build_requests(
     requests = []
     for task in tasks:
         rows = task.test[: cfg.max_examples]
-        loglik = task.kind == "choice" and cfg.scoring == "loglik"
+        modes = scorings_of(cfg.scoring) if task.kind == "choice" else ["generate"]
         max_new = min(cfg.max_new_tokens, CHOICE_MAX_NEW_TOKENS) if task.kind == "choice" else cfg.max_new_tokens
         for shot in cfg.shots:
             pool = demo_pool(task, cfg.demos, seed_sets) if shot else []
             for index, row in enumerate(rows):
                 messages = build_messages(task, row, pick_demos(pool, shot, row["id"], cfg.seed))
                 for model, path in models.items():
-                    requests.append(
-                        {
-                            "model": model,
-                            "adapter": None if path is None else model,
-                            "task": task.name,
-                            "shot": shot,
-                            "index": index,
-                            "messages": messages,
-                            "mode": "loglik" if loglik else "generate",
-                            "choices": task.choices(row) if loglik else None,
-                            "max_new_tokens": max_new,
-                        }
-                    )
+                    for mode in modes:
+                        requests.append(
+                            {
+                                "model": model,
+                                "adapter": None if path is None else model,
+                                "task": task.name,
+                                "shot": shot,
+                                "index": index,
+                                "messages": messages,
+                                "mode": mode,
+                                "choices": task.choices(row) if mode == "loglik" else None,
+                                "max_new_tokens": max_new,
+                            }
+                        )
     return requests
 
 
@@ -284,30 +313,39 @@ def execute(
 # -- parsing and scoring -------------------------------------------------------
 def parse_answer(task: Task, row: dict[str, Any], output: str, logliks: dict[str, float] | None) -> Any:
     """The answer in the form its metrics compare: a label (or None), a sorted entity
-    list, a number (or None) or stripped text."""
+    list ([type, mention] pairs for a typed task), a number (or None; the final number
+    for numeric_match, the first for numeric_em; text where the gold is yes / no) or
+    stripped text."""
     if task.kind == "choice":
         return output if logliks is not None else extract_label(output, task.choices(row))
     if task.kind == "entities":
-        return extract_entities(output)
+        return extract_typed_entities(output, task.entity_types) if task.entity_types else extract_entities(output)
     if task.kind == "numeric":
-        return parse_number(output)
+        if gold_number(row["output"], row.get("meta")) is None:
+            return output.strip()
+        return parse_final_number(output) if "numeric_match" in task.metrics else parse_number(output)
     return output.strip()
 
 
 def prediction_record(
     task: Task, row: dict[str, Any], request: dict[str, Any], result: dict[str, Any], rel_tol: float
 ) -> dict[str, Any]:
-    """One line of predictions/<model>/<task>.jsonl."""
+    """One line of predictions/<model>/<task>.jsonl; `gold_meta` holds the row's meta
+    that its metrics read (TAT-QA's answer type and scale...), when it has any."""
     parsed = parse_answer(task, row, result["output"], result.get("logliks"))
+    meta = scoring_meta(row.get("meta"))
     record = {
         "id": row["id"],
         "shot": request["shot"],
+        "scoring": request["mode"],
         "prompt": request["messages"],
         "output": result["output"],
         "parsed": parsed,
         "gold": row["output"],
-        "score": round(example_score(task.primary_metric, parsed, row["output"], rel_tol), 6),
+        "score": round(example_score(task.primary_metric, parsed, row["output"], rel_tol, meta), 6),
     }
+    if meta:
+        record["gold_meta"] = meta
     if result.get("logliks") is not None:
         record["logliks"] = result["logliks"]
     return record
@@ -329,7 +367,10 @@ def task_metrics(
     n = len(next(iter(records.values())))
     stats = {
         model: {
-            metric: metric_stats(metric, [r["parsed"] for r in rows], [r["gold"] for r in rows], rel_tol)
+            metric: metric_stats(
+                metric, [r["parsed"] for r in rows], [r["gold"] for r in rows], rel_tol,
+                [r.get("gold_meta") for r in rows],
+            )
             for metric in task.metrics
         }
         for model, rows in records.items()
@@ -413,21 +454,31 @@ def collect(
     return predictions
 
 
-def summarize(
+def task_scorings(task: Task, scoring: str) -> list[str]:
+    """How a task's answers are scored: choice tasks by each configured scoring, the
+    others by generation only."""
+    return scorings_of(scoring) if task.kind == "choice" else ["generate"]
+
+
+def score_section(
     tasks: list[Task], models: dict[str, str | None], predictions: dict[str, dict[str, list[dict[str, Any]]]],
-    config: RunConfig,
+    config: RunConfig, reference: str, scoring: str,
 ) -> dict[str, Any]:
-    """The metrics document (metrics.json) from prediction records."""
+    """`results`, `deltas`, `domains` and `domain_deltas` with choice tasks scored by
+    `scoring` and the other tasks by generation: what a run with eval.scoring=`scoring`
+    reports. Every scoring of a task shares its bootstrap resamples."""
     cfg = config.eval
-    reference = BASE if BASE in models else next(iter(models))
     scores: dict[str, Any] = {m: {} for m in models}
     deltas: dict[str, Any] = {m: {} for m in models if m != reference}
     boots: dict[tuple[str, str, str], np.ndarray] = {}
     for task in tasks:
         n = len(task.test[: cfg.max_examples])
         weights = bootstrap_weights(n, cfg.bootstrap, task_seed(cfg.seed, task)) if cfg.bootstrap else None
+        mode = scoring if task.kind == "choice" else "generate"
         for shot in cfg.shots:
-            records = {m: [r for r in predictions[m][task.name] if r["shot"] == shot] for m in models}
+            records = {
+                m: [r for r in predictions[m][task.name] if r["shot"] == shot and r["scoring"] == mode] for m in models
+            }
             task_scores, task_deltas, task_boots = task_metrics(task, records, reference, weights, cfg.numeric_rel_tol)
             for model, value in task_scores.items():
                 scores[model].setdefault(task.name, {})[str(shot)] = value
@@ -436,6 +487,23 @@ def summarize(
             for model, values in task_boots.items():
                 boots[(model, task.name, str(shot))] = values
     domains, domain_deltas = domain_averages(tasks, scores, boots, cfg.shots, reference)
+    return {"results": scores, "deltas": deltas, "domains": domains, "domain_deltas": domain_deltas}
+
+
+def summarize(
+    tasks: list[Task], models: dict[str, str | None], predictions: dict[str, dict[str, list[dict[str, Any]]]],
+    config: RunConfig,
+) -> dict[str, Any]:
+    """The metrics document (metrics.json) from prediction records.
+
+    `results`, `deltas`, `domains` and `domain_deltas` hold the headline scoring
+    (`scorings[0]`: generation under eval.scoring=both); `by_scoring` holds the same
+    four for each other scoring (log-likelihood under both), keyed by its name.
+    """
+    cfg = config.eval
+    reference = BASE if BASE in models else next(iter(models))
+    scorings = scorings_of(cfg.scoring)
+    sections = {s: score_section(tasks, models, predictions, config, reference, s) for s in scorings}
     metrics = {
         "run": config.name,
         "model_ref": config.model.ref,
@@ -443,6 +511,7 @@ def summarize(
         "reference": reference,
         "shots": cfg.shots,
         "scoring": cfg.scoring,
+        "scorings": scorings,
         "bootstrap": cfg.bootstrap,
         "seed": cfg.seed,
         "tasks": {
@@ -451,15 +520,14 @@ def summarize(
                 "path": t.path,
                 "kind": t.kind,
                 "metrics": list(t.metrics),
+                "scorings": task_scorings(t, cfg.scoring),
                 "n": len(t.test[: cfg.max_examples]),
                 "n_total": len(t.test),
             }
             for t in tasks
         },
-        "results": scores,
-        "deltas": deltas,
-        "domains": domains,
-        "domain_deltas": domain_deltas,
+        **sections[scorings[0]],
+        "by_scoring": {s: sections[s] for s in scorings[1:]},
     }
     return metrics
 
