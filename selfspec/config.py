@@ -83,6 +83,22 @@ class GenerateConfig(StageConfig):
         "map", "maps", "draw", "plot", "go to", "video", "audio", "music",
         "flowchart", "diagram", "photo", "sketch",
     ]
+    # Data quality (selfspec/quality.py; every threshold is set from the seeds).
+    # Each prompt's demos share one seed task type, drawn in proportion to the seeds' types.
+    demos_by_task: bool = True
+    # Drop tasks whose embedding is farther from the domain (seeds + corpus) than this cosine;
+    # auto: the relevance_percentile of the seeds' own leave-one-out scores; null: no check.
+    min_relevance: float | Literal["auto"] | None = "auto"
+    relevance_percentile: float = Field(5.0, ge=0, le=100)
+    # Label tasks (seed answers of a few words): sample this many answers and keep a clear
+    # majority (self-consistency); 1 answers greedily. Shares of labels follow the seeds'
+    # within label_tolerance times.
+    consistency_samples: int = Field(5, ge=1)
+    consistency_agreement: float = Field(0.6, gt=0, le=1)
+    consistency_temperature: float = Field(0.7, ge=0)
+    label_max_new_tokens: int = Field(24, ge=1)
+    balance_labels: bool = True
+    label_tolerance: float = Field(1.5, ge=1)
     adapter: str | None = None  # iterative rounds: generate with a trained adapter
     replicas: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)

@@ -13,11 +13,7 @@ from collections import Counter
 from typing import Any, Iterable
 
 from selfspec.metrics import normalize_text
-
-# A seed task type whose outputs all have at most this many words is a label task:
-# its seeds' normalized outputs are its labels (yes/no/maybe, positive/negative).
-LABEL_MAX_WORDS = 3
-
+from selfspec.quality import task_profiles
 
 def _words(text: Any) -> int:
     return len(str(text or "").split())
@@ -28,11 +24,11 @@ def _median(values: list[int]) -> float:
 
 
 def seed_labels(seeds: Iterable[dict[str, Any]]) -> list[str]:
-    """Each seed's label: its normalized output where every seed of its task type has a
-    short output (at most LABEL_MAX_WORDS words), else ""."""
-    outputs = [(s.get("task") or "", normalize_text(s["output"])) for s in seeds]
-    long_tasks = {task for task, output in outputs if _words(output) > LABEL_MAX_WORDS}
-    return ["" if task in long_tasks else output for task, output in outputs]
+    """Each seed's label: its normalized output where its task type is a label task
+    (`selfspec.quality.task_profiles`), else ""."""
+    seeds = list(seeds)
+    profiles = task_profiles([{**s, "task": s.get("task") or ""} for s in seeds])
+    return [normalize_text(s["output"]) if profiles[s.get("task") or ""].labelled else "" for s in seeds]
 
 
 def _balance(tasks: list[str], labels: list[str], task: str, keep_empty: bool = True) -> dict[str, int]:

@@ -22,6 +22,7 @@ class Seed(TypedDict):
 
 class Instruction(TypedDict):
     id: str
+    task: str  # the seed task type it was written from ("" when its demos mixed types)
     instruction: str
     input: str
     domain: str
@@ -35,6 +36,7 @@ class Instruction(TypedDict):
 
 class Example(Instruction):
     output: str
+    label: str  # the answer's label for label task types (yes, positive, ...), else ""
 
 
 def content_id(instruction: str, input: str = "") -> str:
@@ -49,6 +51,7 @@ def instruction_schema():
     return pa.schema(
         [
             ("id", pa.string()),
+            ("task", pa.string()),
             ("instruction", pa.string()),
             ("input", pa.string()),
             ("domain", pa.string()),
@@ -65,7 +68,7 @@ def instruction_schema():
 def example_schema():
     import pyarrow as pa
 
-    return instruction_schema().append(pa.field("output", pa.string()))
+    return instruction_schema().append(pa.field("output", pa.string())).append(pa.field("label", pa.string()))
 
 
 def to_alpaca(example: Example) -> dict[str, str]:

@@ -192,11 +192,21 @@ def test_fixed_query_and_passage_as_input_shape_the_prompt(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
     config = config_for(tmp_path, corpus, "retrieval.query=urate crystals", "retrieval.passage_as_input=true", "retrieval.top_k=1")
     seeds = load_seed_sets(config)[0]
-    prompts = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, 3, 3, 0, 1)
+    prompts = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, 12, 3, 0, 1)
     grounded = PromptGrounder.from_config(config, RunDir(str(tmp_path / "r")), executor="local").ground(prompts, seeds)
-    assert [r["passage_ids"] for r in grounded] == [["gout#0"]] * 3
-    assert all(PASSAGE_AS_INPUT.strip() in r["prompt"] and "[1] Gout: Gout flares" in r["prompt"] for r in grounded)
+    assert [r["passage_ids"] for r in grounded] == [["gout#0"]] * 12
     assert [r["prompt_id"] for r in grounded] == [r["prompt_id"] for r in prompts]
+    with_input = {s["task"] for s in seeds.seeds if s["input"]}
+    given = [r for r in grounded if r["task"] in with_input]
+    assert given and len(given) < len(grounded)
+    # Task types that take an input get the passage itself as their input; the model writes the instruction.
+    for row in given:
+        assert row["given_input"].startswith("Gout flares")
+        assert row["prompt"].endswith(f"4. Input: {row['given_input']}\nInstruction:")
+    # Types without an input see the passage as knowledge and are asked to use it.
+    for row in grounded:
+        if row not in given:
+            assert not row["given_input"] and PASSAGE_AS_INPUT.strip() in row["prompt"] and "[1] Gout: Gout flares" in row["prompt"]
 
 
 def grounding_config(tmp_path: Path, *extra: str):
@@ -208,7 +218,7 @@ def grounding_config(tmp_path: Path, *extra: str):
             "retrieval.enabled=true",
             "generate.target=2",
             "generate.batch_size=4",
-            "generate.prompts_per_round=4",
+            "generate.prompts_per_round=8",
             "generate.max_rounds=4",
             "generate.instruction_max_new_tokens=96",
             "generate.response_max_new_tokens=48",
@@ -220,13 +230,19 @@ def grounding_config(tmp_path: Path, *extra: str):
 def test_grounded_generation_records_passage_ids_from_the_corpus(tmp_path):
     from selfspec.stages.generate import run_generate
 
-    config = grounding_config(tmp_path)
+    config = grounding_config(tmp_path, "retrieval.passage_as_input=true")
     summary = run_generate(config, RunDir(str(tmp_path / "grounded")), executor="local")
     rows = read_parquet(tmp_path / "grounded" / "data" / "examples.parquet")
     assert len(rows) == 2 == summary["counts"]["final_examples"]
-    corpus_ids = {p["id"] for p in make_passages(read_documents(resolve_corpus("builtin:biomedical", "")), 200, 32)}
-    assert all(len(r["passage_ids"]) == config.retrieval.top_k for r in rows)
-    assert {i for r in rows for i in r["passage_ids"]} <= corpus_ids
+    passages = {p["id"]: p["text"] for p in make_passages(read_documents(resolve_corpus("builtin:biomedical", "")), 200, 32)}
+    for row in rows:
+        # A task with an input takes one passage as it, cut at a sentence end; others see top_k.
+        if row["input"]:
+            assert len(row["passage_ids"]) == 1
+            assert " ".join(passages[row["passage_ids"][0]].split()).startswith(row["input"].rstrip("."))
+        else:
+            assert len(row["passage_ids"]) == config.retrieval.top_k
+    assert {i for r in rows for i in r["passage_ids"]} <= set(passages)
 
 
 def test_ray_actors_and_encoders_match_the_in_process_path(tmp_path, ray_local):

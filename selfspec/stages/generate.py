@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from selfspec.config import ConfigError, RunConfig, dump_config
+from selfspec.data_profile import profile
 from selfspec.dedup import RougeDeduper
 from selfspec.execution import map_with_model
 from selfspec.io import (
@@ -33,7 +34,22 @@ from selfspec.io import (
 from selfspec.models import SamplingParams
 from selfspec.schema import Example, content_id, example_schema, to_alpaca, to_messages
 from selfspec.seeds import SeedSet, find_seed_file, load_seeds
-from selfspec.stages.generate_instructions import ITEM_END_STOPS, instruction_drop_reason, make_prompt_rows, parse_tasks
+from selfspec.quality import (
+    DomainRelevance,
+    TaskProfile,
+    balance_labels,
+    majority_label,
+    select_task_mix,
+    task_profiles,
+    task_text,
+)
+from selfspec.stages.generate_instructions import (
+    ITEM_END_STOPS,
+    instruction_drop_reason,
+    make_prompt_rows,
+    parse_given_input,
+    parse_tasks,
+)
 from selfspec.stages.generate_responses import RESPONSE_STOPS, clean_response, response_drop_reason, response_rows
 
 ADAPTER_NAME = "specialized"
@@ -54,7 +70,13 @@ def write_responses(backend, rows: list[dict[str, Any]], params: SamplingParams,
     out = []
     for row, c in zip(rows, completions):
         row = {k: v for k, v in row.items() if k != "messages"}
-        out.append({**row, "output": clean_response(c[0].text), "finish_reason": c[0].finish_reason, "completion_tokens": c[0].completion_tokens})
+        out.append({
+            **row,
+            "output": clean_response(c[0].text),
+            "samples": [clean_response(x.text) for x in c],
+            "finish_reason": c[0].finish_reason,
+            "completion_tokens": sum(x.completion_tokens for x in c),
+        })
     return out
 
 
@@ -117,6 +139,50 @@ def _map(rows, fn, config: RunConfig, executor: str, adapters, desc: str):
 
 
 # -- one round ---------------------------------------------------------------------
+def parse_round(raw: list[dict[str, Any]], gen, drops: Counter) -> list[dict[str, Any]]:
+    """Parsed, filtered (instruction, input) items of a round's completions, with the row
+    they came from; every drop is counted by reason in `drops`."""
+    items = []
+    for row in raw:
+        truncated = row["finish_reason"] == "length"
+        if row["given_input"]:
+            parsed = [{**parse_given_input(row["completion"], truncated), "input": row["given_input"]}]
+        else:
+            parsed = parse_tasks(row["completion"], truncated)
+        for item in parsed[: gen.instructions_per_prompt]:
+            reason = item["error"] or instruction_drop_reason(
+                item["instruction"], item["input"], gen.min_words, gen.max_words, gen.blacklist
+            )
+            if reason:
+                drops[reason] += 1
+            else:
+                items.append({**item, "row": row})
+    return items
+
+
+def answer_rows(answered: list[dict[str, Any]], profiles: dict[str, TaskProfile], gen, drops: Counter) -> list[Example]:
+    """Examples from answered rows. A label task keeps the label a clear majority of its
+    sampled answers names (spelled as in the seeds); other tasks keep the greedy answer."""
+    examples = []
+    for row in sorted(answered, key=lambda r: r["id"]):
+        profile = profiles.get(row["task"])
+        if profile is not None and profile.labelled:
+            agreement = gen.consistency_agreement if len(row["samples"]) > 1 else 0.0
+            label, share = majority_label(row["samples"], profile, agreement)
+            if label is None:
+                drops["no_majority" if share else "off_label"] += 1
+                continue
+            row = {**row, "output": label, "label": label}
+        else:
+            reason = response_drop_reason(row["output"], row["finish_reason"], row["input"])
+            if reason:
+                drops[reason] += 1
+                continue
+            row = {**row, "label": ""}
+        examples.append(Example(**{k: row[k] for k in example_schema().names}))
+    return examples
+
+
 def run_round(
     config: RunConfig,
     seeds: SeedSet,
@@ -126,13 +192,17 @@ def run_round(
     executor: str,
     config_hash: str,
     retriever=None,
+    relevance: DomainRelevance | None = None,
 ) -> dict[str, Any]:
     """Generate, filter and answer one round; returns the shard's rows and counts."""
     gen = config.generate
     adapter = ADAPTER_NAME if gen.adapter else None
     adapters = {ADAPTER_NAME: gen.adapter} if gen.adapter else None
+    profiles = task_profiles(seeds.seeds)
     started = time.perf_counter()
-    prompts = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, num_prompts, gen.num_demos, gen.seed, round)
+    prompts = make_prompt_rows(
+        seeds.seeds, seeds.domain, seeds.description, num_prompts, gen.num_demos, gen.seed, round, gen.demos_by_task
+    )
     if retriever is not None:
         prompts = retriever.ground(prompts, seeds)
     # Stop where the model would start the task after the ones we keep.
@@ -147,53 +217,66 @@ def run_round(
     raw = _map(prompts, functools.partial(write_instructions, params=params, adapter=adapter), config, executor, adapters, f"round {round}: instructions")
     raw.sort(key=lambda r: r["prompt_id"])
     drops: Counter[str] = Counter()
-    candidates = []
-    for row in raw:
-        items = parse_tasks(row["completion"], row["finish_reason"] == "length")
-        for item in items[: gen.instructions_per_prompt]:
-            reason = item["error"] or instruction_drop_reason(
-                item["instruction"], item["input"], gen.min_words, gen.max_words, gen.blacklist
-            )
-            if reason:
-                drops[reason] += 1
-                continue
-            candidates.append(
-                {
-                    "id": content_id(item["instruction"], item["input"]),
-                    "instruction": item["instruction"],
-                    "input": item["input"],
-                    "domain": seeds.domain,
-                    "seed_ids": list(row["seed_ids"]),
-                    "passage_ids": list(row["passage_ids"]),
-                    "model": config.model.ref,
-                    "adapter": gen.adapter or "",
-                    "round": round,
-                    "config_hash": config_hash,
-                }
-            )
-    raw_count = len(candidates) + sum(drops.values())
-    kept = [c for c, (keep, _) in zip(candidates, dedup.filter([c["instruction"] for c in candidates])) if keep]
-    drops["near_duplicate"] += len(candidates) - len(kept)
+    items = parse_round(raw, gen, drops)
+    raw_count = len(items) + sum(drops.values())
+    if relevance is not None and items:
+        scores = relevance.scores([task_text(i["instruction"], i["input"]) for i in items])
+        on_domain = [i for i, score in zip(items, scores) if score >= relevance.threshold]
+        drops["off_domain"] += len(items) - len(on_domain)
+        items = on_domain
+    # A task over a given passage is new when its instruction and passage together are.
+    keys = [task_text(i["instruction"], i["input"]) if i["row"]["given_input"] else i["instruction"] for i in items]
+    kept = [
+        {
+            "id": content_id(item["instruction"], item["input"]),
+            "task": item["row"]["task"],
+            "instruction": item["instruction"],
+            "input": item["input"],
+            "domain": seeds.domain,
+            "seed_ids": list(item["row"]["seed_ids"]),
+            "passage_ids": list(item["row"]["passage_ids"]),
+            "model": config.model.ref,
+            "adapter": gen.adapter or "",
+            "round": round,
+            "config_hash": config_hash,
+        }
+        for item, (keep, _) in zip(items, dedup.filter(keys))
+        if keep
+    ]
+    drops["near_duplicate"] += len(items) - len(kept)
     instruction_tokens = sum(r["completion_tokens"] for r in raw)
 
-    response_params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
-    answered = _map(
-        response_rows(kept, seeds.seeds, gen.response_demos),
-        functools.partial(write_responses, params=response_params, adapter=adapter),
-        config, executor, adapters, f"round {round}: responses",
+    to_answer = response_rows(kept, seeds.seeds, gen.response_demos)
+    labelled = [r for r in to_answer if r["task"] in profiles and profiles[r["task"]].labelled]
+    open_ended = [r for r in to_answer if not (r["task"] in profiles and profiles[r["task"]].labelled)]
+    sampled = gen.consistency_samples > 1
+    label_params = SamplingParams(
+        temperature=gen.consistency_temperature if sampled else 0.0,
+        max_new_tokens=gen.label_max_new_tokens,
+        stop=RESPONSE_STOPS,
+        seed=gen.seed,
+        n=gen.consistency_samples,
     )
+    response_params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
+    answered = []
+    for rows, row_params, what in ((labelled, label_params, "labels"), (open_ended, response_params, "responses")):
+        if rows:
+            answered += _map(
+                rows, functools.partial(write_responses, params=row_params, adapter=adapter),
+                config, executor, adapters, f"round {round}: {what}",
+            )
     response_drops: Counter[str] = Counter()
-    examples: list[Example] = []
+    examples = answer_rows(answered, profiles, gen, response_drops)
     nodes = sorted({r.get("node_id", "local") for r in raw + answered})
-    for row in sorted(answered, key=lambda r: r["id"]):
-        reason = response_drop_reason(row["output"], row["finish_reason"], row["input"])
-        if reason:
-            response_drops[reason] += 1
-            continue
-        examples.append(Example(**{k: row[k] for k in example_schema().names}))
     return {
         "examples": examples,
-        "counts": {"prompts": len(prompts), "raw_instructions": raw_count, "kept_instructions": len(kept), "examples": len(examples)},
+        "counts": {
+            "prompts": len(prompts),
+            "raw_instructions": raw_count,
+            "kept_instructions": len(kept),
+            "labelled": len(labelled),
+            "examples": len(examples),
+        },
         "drops": {"instruction": dict(drops), "response": dict(response_drops)},
         "tokens": instruction_tokens + sum(r["completion_tokens"] for r in answered),
         "seconds": time.perf_counter() - started,
@@ -250,14 +333,19 @@ def run_generate(
         from selfspec.stages.retrieve import PromptGrounder
 
         retriever = PromptGrounder.from_config(config, run_dir)
+    relevance = domain_relevance(config, seeds) if gen.min_relevance is not None else None
+    profiles = task_profiles(seeds.seeds)
+
+    def usable(rows: list[Example]) -> list[Example]:
+        return balance_labels(rows, profiles, gen.label_tolerance)[0] if gen.balance_labels else rows
 
     round = len(manifest["shards"]) + 1
-    while len(done) < target:
+    while len(usable(done)) < target:
         if round > gen.max_rounds:
             print(f"stopped after generate.max_rounds={gen.max_rounds} rounds with {len(done)}/{target} examples")
             break
         num_prompts = prompts_for_round(gen, target - len(done), manifest["shards"])
-        result = run_round(config, seeds, round, num_prompts, dedup, executor, config_hash, retriever)
+        result = run_round(config, seeds, round, num_prompts, dedup, executor, config_hash, retriever, relevance)
         shard_file = f"shards/round-{round:04d}.parquet"
         examples = result.pop("examples")
         write_parquet(data(shard_file), examples, schema=example_schema())
@@ -270,7 +358,8 @@ def run_generate(
         )
         round += 1
 
-    final = done[:target]
+    balanced = usable(done)
+    final = select_task_mix(balanced, target, profiles) if gen.demos_by_task else balanced[:target]
     report = None
     if gen.contamination.tasks:
         from selfspec.contamination import check_contamination
@@ -283,8 +372,33 @@ def run_generate(
     write_jsonl(data("alpaca.jsonl"), (to_alpaca(e) for e in final))
     write_jsonl(data("chat.jsonl"), (to_messages(e) for e in final))
     summary = summarize(manifest, final, resumed, report)
+    summary["drops"]["final"] = {"label_balance": len(done) - len(balanced)}
+    summary["profile"] = profile(final, seeds.seeds)
+    if relevance is not None:
+        summary["relevance_threshold"] = float(f"{relevance.threshold:.4f}")
     write_json(data("summary.json"), summary)
     return summary
+
+
+def domain_relevance(config: RunConfig, seeds: SeedSet) -> DomainRelevance:
+    """The relevance scorer of `generate.min_relevance`: seeds plus, with retrieval on, up to
+    256 passages of its corpus (evenly spaced) describe the domain."""
+    from selfspec.retrieval.index import encoder_dtype, load_encoder
+
+    passages: list[str] = []
+    if config.retrieval.enabled:
+        from selfspec.retrieval.corpus import read_documents
+        from selfspec.stages.retrieve import corpus_path
+
+        documents = read_documents(corpus_path(config))
+        step = max(1, len(documents) // 256)
+        passages = [d["text"] for d in documents[::step]][:256]
+    encoder = load_encoder(config.retrieval.encoder, encoder_dtype(config.retrieval.encoder_dtype))
+    gen = config.generate
+    relevance = DomainRelevance(encoder, seeds.seeds, passages, gen.relevance_percentile)
+    if gen.min_relevance != "auto":
+        relevance.threshold = float(gen.min_relevance)
+    return relevance
 
 
 def summarize(manifest: dict[str, Any], final: list[Example], resumed: int, contamination) -> dict[str, Any]:

@@ -34,7 +34,9 @@ ITEM_END_STOPS = ("\nOutput:", "\nResponse:", "\nAnswer:")
 OUTPUT_SPLIT = re.compile(r"\n\s*(?:Output|Response|Answer)\s*:", re.IGNORECASE)
 
 
-def format_task(number: int, instruction: str, input: str) -> str:
+def format_task(number: int, instruction: str, input: str, input_first: bool = False) -> str:
+    if input_first:
+        return f"{number}. Input: {input or NO_INPUT}\nInstruction: {instruction}\n"
     return f"{number}. Instruction: {instruction}\nInput: {input or NO_INPUT}\n"
 
 
@@ -42,34 +44,65 @@ def sample_demos(seeds: list[Seed], k: int, rng: random.Random) -> list[Seed]:
     return rng.sample(seeds, min(k, len(seeds)))
 
 
-def build_prompt(domain: str, description: str, demos: list[Seed], passages: list[str] = ()) -> str:
-    """A plain completion prompt that ends where the model writes the next instruction."""
+def build_prompt(
+    domain: str, description: str, demos: list[Seed], passages: list[str] = (), new_input: str | None = None
+) -> str:
+    """A plain completion prompt that ends where the model writes the next instruction.
+
+    With `new_input` (a real passage), every task shows its input first and the prompt
+    ends with that input, so the model writes an instruction for a given text."""
     text = PROMPT_HEADER.format(description=description, domain=domain, no_input=NO_INPUT)
     if passages:
         text += "Domain knowledge to ground the new tasks:\n"
         text += "".join(f"[{i + 1}] {p}\n" for i, p in enumerate(passages)) + "\n"
+    input_first = new_input is not None
     for number, seed in enumerate(demos, start=1):
-        text += format_task(number, seed["instruction"], seed["input"]) + "\n"
+        text += format_task(number, seed["instruction"], seed["input"], input_first) + "\n"
+    if input_first:
+        return text + f"{len(demos) + 1}. Input: {new_input}\nInstruction:"
     return text + f"{len(demos) + 1}. Instruction:"
 
 
 def make_prompt_rows(
-    seeds: list[Seed], domain: str, description: str, count: int, num_demos: int, seed: int, round: int
+    seeds: list[Seed], domain: str, description: str, count: int, num_demos: int, seed: int, round: int,
+    by_task: bool = True,
 ) -> list[dict[str, Any]]:
-    """Deterministic prompts for one round: the same (seed, round) gives the same rows."""
+    """Deterministic prompts for one round: the same (seed, round) gives the same rows.
+
+    `by_task`: each prompt's demos share one seed task type (`task` of the row), types
+    drawn in proportion to the seeds'; otherwise demos mix types and `task` is ""."""
+    from selfspec.quality import task_draws, task_profiles
+
+    by_type: dict[str, list[Seed]] = {}
+    for s in seeds:
+        by_type.setdefault(s["task"], []).append(s)
+    tasks = task_draws(task_profiles(seeds), count, random.Random(f"{seed}:{round}:tasks")) if by_task else [""] * count
     rows = []
-    for index in range(count):
+    for index, task in enumerate(tasks):
         rng = random.Random(f"{seed}:{round}:{index}")
-        demos = sample_demos(seeds, num_demos, rng)
+        demos = sample_demos(by_type[task] if task else seeds, num_demos, rng)
         rows.append(
             {
                 "prompt_id": f"r{round}-p{index}",
+                "task": task,
                 "prompt": build_prompt(domain, description, demos),
                 "seed_ids": [d["id"] for d in demos],
                 "passage_ids": [],
+                "given_input": "",  # a real passage the task must use (retrieval.passage_as_input)
             }
         )
     return rows
+
+
+def parse_given_input(completion: str, truncated: bool) -> dict[str, Any]:
+    """The instruction a model wrote for a given input: its first line."""
+    text = completion.strip(" ")
+    line, newline, _ = text.partition("\n")
+    instruction = " ".join(line.split())
+    error = None if instruction else "unparseable"
+    if error is None and truncated and not newline:
+        error = "truncated"
+    return {"instruction": instruction, "input": "", "error": error, "position": 0}
 
 
 def parse_tasks(completion: str, truncated: bool) -> list[dict[str, Any]]:

@@ -61,12 +61,16 @@ def clean_response(text: str) -> str:
 
 
 def response_rows(instructions: list[dict[str, Any]], seeds: list[Seed], k: int) -> list[dict[str, Any]]:
-    """Attach the response prompt (messages) to each instruction row."""
+    """Attach the response prompt (messages) to each instruction row; demos come from the
+    seeds of the row's task type when it has one, so answers take the seeds' form."""
+    by_type: dict[str, list[Seed]] = {}
+    for seed in seeds:
+        by_type.setdefault(seed["task"], []).append(seed)
     return [
         {
             **row,
             "messages": build_response_messages(
-                row["instruction"], row["input"], response_demos(seeds, k, row["id"])
+                row["instruction"], row["input"], response_demos(by_type.get(row.get("task", ""), seeds), k, row["id"])
             ),
         }
         for row in instructions

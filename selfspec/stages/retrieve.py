@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import sys
 import textwrap
 import time
@@ -329,15 +330,29 @@ class PromptGrounder:
         return cls(search, r.top_k, r.query, r.passage_as_input)
 
     def ground(self, prompts: list[dict[str, Any]], seeds: SeedSet) -> list[dict[str, Any]]:
-        """Rows with `prompt` rebuilt around their retrieved passages and `passage_ids` set."""
+        """Rows with `prompt` rebuilt around their retrieved passages and `passage_ids` set.
+
+        With `passage_as_input`, a row of a task type whose seeds take an input gets one
+        retrieved passage (drawn among the top k, cut to about twice the seeds' input
+        length) as its input, and the model writes only the instruction for it."""
+        from selfspec.quality import fit_passage, task_profiles
+
         by_id = {s["id"]: s for s in seeds.seeds}
+        profiles = task_profiles(seeds.seeds)
         demos = [[by_id[i] for i in row["seed_ids"]] for row in prompts]
         queries = [self.query or seed_query(d) for d in demos]
         unique = sorted(set(queries))
         hits = dict(zip(unique, self.search(unique, self.top_k)))
-        description = seeds.description + (PASSAGE_AS_INPUT if self.passage_as_input else "")
         out = []
         for row, row_demos, query in zip(prompts, demos, queries):
+            profile = profiles.get(row.get("task", ""))
+            if self.passage_as_input and profile and profile.input_words and hits[query]:
+                hit = random.Random(row["prompt_id"]).choice(hits[query])
+                passage = fit_passage(hit["text"], max(2 * profile.input_words, 40))
+                prompt = build_prompt(seeds.domain, seeds.description, row_demos, new_input=passage)
+                out.append({**row, "prompt": prompt, "passage_ids": [hit["id"]], "given_input": passage})
+                continue
+            description = seeds.description + (PASSAGE_AS_INPUT if self.passage_as_input else "")
             passages = [render_passage(h) for h in hits[query]]
             prompt = build_prompt(seeds.domain, description, row_demos, passages)
             out.append({**row, "prompt": prompt, "passage_ids": [h["id"] for h in hits[query]]})

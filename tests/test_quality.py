@@ -1,0 +1,134 @@
+"""Data-quality filters: seed task profiles, self-consistency, label balance, task mix,
+grounded prompts and domain relevance (the embedded encoder, no generator)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from selfspec.quality import (
+    DomainRelevance,
+    balance_labels,
+    fit_passage,
+    label_caps,
+    majority_label,
+    select_task_mix,
+    task_draws,
+    task_profiles,
+)
+from selfspec.seeds import load_seeds
+from selfspec.stages.generate_instructions import build_prompt, make_prompt_rows, parse_given_input
+
+
+def seed(i: int, task: str, output: str, input: str = "Some sentence about a drug.") -> dict:
+    return {"id": f"s{i}", "task": task, "instruction": f"Do task {task} number {i}.", "input": input, "output": output}
+
+
+SEEDS = [
+    seed(1, "yes_no_qa", "yes"), seed(2, "yes_no_qa", "no"), seed(3, "yes_no_qa", "maybe"), seed(4, "yes_no_qa", "yes"),
+    seed(5, "open_qa", "Insulin lowers blood glucose by moving it into cells.", input=""),
+    seed(6, "open_qa", "Statins block HMG-CoA reductase in the liver.", input=""),
+]
+
+
+def test_profiles_tell_label_tasks_from_open_ones():
+    profiles = task_profiles(SEEDS)
+    assert profiles["yes_no_qa"].labels == ("yes", "no", "maybe")
+    assert profiles["yes_no_qa"].label_shares == {"yes": 0.5, "no": 0.25, "maybe": 0.25}
+    assert profiles["yes_no_qa"].share == pytest.approx(4 / 6)
+    assert not profiles["open_qa"].labelled and profiles["open_qa"].input_words == 0
+
+
+def test_shipped_seed_label_tasks():
+    for path, labelled in [
+        ("seeds/biomedical.yaml", {"yes_no_qa", "drug_drug_interaction", "chemical_protein_relation"}),
+        ("seeds/finance.yaml", {"news_sentiment", "headline_entity_sentiment"}),
+    ]:
+        profiles = task_profiles(load_seeds(path).seeds)
+        assert labelled <= {t for t, p in profiles.items() if p.labelled}
+        assert not profiles["summarization"].labelled and not profiles["open_qa"].labelled
+
+
+def test_majority_keeps_a_clear_majority_only():
+    profile = task_profiles(SEEDS)["yes_no_qa"]
+    assert majority_label(["Yes.", "yes, it does", "no", "Yes", "maybe"], profile, 0.6) == ("yes", 0.6)
+    label, share = majority_label(["yes", "no", "maybe", "yes", "no"], profile, 0.6)
+    assert label is None and share == 0.4
+    # Answers naming no label count against the majority.
+    assert majority_label(["yes", "I think so", "unclear", "yes", "hmm"], profile, 0.6)[0] is None
+    assert majority_label(["It depends on the dose."] * 5, profile, 0.6) == (None, 0.0)
+
+
+def test_label_caps_follow_the_seed_shares():
+    shares = {"yes": 0.5, "no": 0.25, "maybe": 0.25}
+    # 'no' may hold at most 1.5 * 25% of what is kept: 6 of 16.
+    assert label_caps({"no": 40, "yes": 8, "maybe": 2}, shares, 1.5) == {"no": 6, "yes": 8, "maybe": 2}
+    assert label_caps({"yes": 5, "no": 4, "maybe": 3}, shares, 1.5) == {"yes": 5, "no": 4, "maybe": 3}
+    # One label alone, allowed under all of it: cut to the floor of two rows.
+    assert label_caps({"no": 30}, shares, 1.5) == {"no": 2}
+    assert label_caps({"no": 1}, shares, 1.5) == {"no": 1}
+
+
+def test_balance_labels_drops_newest_rows_of_the_surplus_label():
+    profiles = task_profiles(SEEDS)
+    rows = [{"id": f"r{i}", "task": "yes_no_qa", "label": "no"} for i in range(10)]
+    rows += [{"id": f"p{i}", "task": "yes_no_qa", "label": "yes"} for i in range(7)]
+    rows += [{"id": "y1", "task": "yes_no_qa", "label": "yes"}, {"id": "m1", "task": "yes_no_qa", "label": "maybe"}]
+    rows += [{"id": "o1", "task": "open_qa", "label": ""}]
+    kept, dropped = balance_labels(rows, profiles, 1.5)
+    counts = Counter(r["label"] for r in kept if r["task"] == "yes_no_qa")
+    assert counts == {"no": 5, "yes": 8, "maybe": 1}  # 'no' at most 1.5 x its 25% seed share
+    assert [r["id"] for r in kept if r["label"] == "no"] == [f"r{i}" for i in range(counts["no"])]
+    assert {"y1", "m1", "o1"} <= {r["id"] for r in kept} and dropped == 5
+
+
+def test_task_mix_and_draws_follow_the_seeds():
+    profiles = task_profiles(SEEDS)
+    draws = task_draws(profiles, 30, random.Random(0))
+    assert Counter(draws) == {"yes_no_qa": 20, "open_qa": 10}
+    rows = [{"id": f"y{i}", "task": "yes_no_qa"} for i in range(30)] + [{"id": f"o{i}", "task": "open_qa"} for i in range(5)]
+    picked = select_task_mix(rows, 12, profiles)
+    assert Counter(r["task"] for r in picked) == {"yes_no_qa": 8, "open_qa": 4}
+    short = select_task_mix(rows, 33, profiles)  # open_qa has only 5: the rest fills up
+    assert len(short) == 33 and Counter(r["task"] for r in short)["open_qa"] == 5
+
+
+def test_prompts_draw_demos_of_one_task_type():
+    rows = make_prompt_rows(SEEDS, "biomedical", "Biomedicine.", 12, 2, seed=0, round=1)
+    by_id = {s["id"]: s for s in SEEDS}
+    assert Counter(r["task"] for r in rows) == {"yes_no_qa": 8, "open_qa": 4}
+    for row in rows:
+        assert {by_id[i]["task"] for i in row["seed_ids"]} == {row["task"]}
+    mixed = make_prompt_rows(SEEDS, "biomedical", "Biomedicine.", 4, 3, seed=0, round=1, by_task=False)
+    assert {r["task"] for r in mixed} == {""}
+
+
+def test_grounded_prompt_ends_with_the_given_passage_and_parses_one_line():
+    prompt = build_prompt("biomedical", "Biomedicine.", SEEDS[:2], new_input="Aspirin inhibits COX-1.")
+    assert prompt.endswith("3. Input: Aspirin inhibits COX-1.\nInstruction:")
+    assert "1. Input: Some sentence about a drug.\nInstruction: Do task yes_no_qa number 1." in prompt
+    item = parse_given_input(" List the drugs in the sentence.\nOutput: aspirin", truncated=False)
+    assert item["instruction"] == "List the drugs in the sentence." and item["error"] is None
+    assert parse_given_input(" List the drugs in the sentence and then some", truncated=True)["error"] == "truncated"
+    assert parse_given_input("\n", truncated=False)["error"] == "unparseable"
+
+
+def test_fit_passage_cuts_at_a_sentence_end():
+    text = "One two three four. Five six seven eight. Nine ten eleven twelve."
+    assert fit_passage(text, 100) == text
+    assert fit_passage(text, 9) == "One two three four. Five six seven eight."
+
+
+def test_domain_relevance_scores_seeds_above_off_domain_text():
+    from selfspec.retrieval.index import load_encoder
+
+    seeds = load_seeds("seeds/biomedical.yaml").seeds
+    relevance = DomainRelevance(load_encoder("embedded:all-minilm-l6-v2", "float32"), seeds)
+    assert sum(s >= relevance.threshold for s in relevance.seed_scores) >= 0.9 * len(seeds)
+    on, off = relevance.scores([
+        "List the diseases mentioned in the abstract.\nPatients with type 2 diabetes and chronic kidney disease received metformin.",
+        "Write a limerick about your favourite football team.\nThe team won the cup final on Saturday.",
+    ])
+    assert on >= relevance.threshold > off
