@@ -4,7 +4,8 @@ self-consistency votes, label balance, task-type mix and domain relevance.
 Pure functions over rows and seeds, except `DomainRelevance`, which holds an encoder.
 Every threshold here is set from the seeds (never from evaluation data):
 - a task type is *labelled* when its seeds answer in at most `LABEL_MAX_WORDS` words
-  (yes/no/maybe, sentiment, relation names); its label set is those answers;
+  (median) and some answers repeat (yes/no/maybe, sentiment, relation names); its
+  label set is those answers;
 - label shares and task-type shares follow the seeds';
 - the relevance threshold is a low percentile of the seeds' own relevance.
 """
@@ -55,10 +56,12 @@ def task_profiles(seeds: Sequence[Seed]) -> dict[str, TaskProfile]:
         output_words = int(statistics.median(len(s["output"].split()) for s in members))
         labels: tuple[str, ...] = ()
         shares: dict[str, float] = {}
-        if output_words <= LABEL_MAX_WORDS:
-            spelled: dict[str, str] = {}
-            for s in members:
-                spelled.setdefault(normalize_text(s["output"]), s["output"].strip())
+        spelled: dict[str, str] = {}
+        for s in members:
+            spelled.setdefault(normalize_text(s["output"]), s["output"].strip())
+        # Short answers that repeat form a label set; short answers that never repeat are
+        # lists or names (entity lists, topics), not labels.
+        if output_words <= LABEL_MAX_WORDS and len(spelled) < len(members):
             labels = tuple(spelled.values())
             counts = Counter(normalize_text(s["output"]) for s in members)
             shares = {label: count / len(members) for label, count in counts.items()}

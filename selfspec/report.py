@@ -405,6 +405,8 @@ def render_html(
         ]
     if summary:
         parts += ["<h2>Data generation</h2>", _img(funnel_figure(summary), "data generation funnel")]
+        if summary.get("profile"):
+            parts.append(data_quality_html(summary["profile"]))
     if train:
         parts += ["<h2>Training</h2>", _img(loss_figure(train), "training loss curve")]
     parts.append("<h2>Sample predictions</h2><p class='note'>Parsed answer and its score; examples where models disagree first.</p>")

@@ -49,6 +49,10 @@ def test_shipped_seed_label_tasks():
         profiles = task_profiles(load_seeds(path).seeds)
         assert labelled <= {t for t, p in profiles.items() if p.labelled}
         assert not profiles["summarization"].labelled and not profiles["open_qa"].labelled
+        # Short answers that never repeat are lists or topics, not labels.
+        assert not profiles["document_classification"].labelled
+    bio = task_profiles(load_seeds("seeds/biomedical.yaml").seeds)
+    assert not any(bio[t].labelled for t in ("chemical_ner", "gene_ner", "multiple_choice_qa"))
 
 
 def test_majority_keeps_a_clear_majority_only():

@@ -439,6 +439,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"{stage} drops: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])))
     if summary.get("contamination"):
         lines.append(f"contamination: {summary['contamination']['examples_flagged']} examples flagged")
+    if summary.get("profile"):
+        from selfspec.data_profile import format_profile
+
+        lines.append(format_profile(summary["profile"]))
     return "\n".join(lines)
 
 
