@@ -23,7 +23,7 @@ from collections import Counter
 import numpy as np
 
 from selfspec.config import load_config
-from selfspec.io import RunDir
+from selfspec.io import RunDir, read_parquet
 from selfspec.metrics import normalize_text
 from selfspec.models import SamplingParams, load_backend
 from selfspec.quality import DomainRelevance, task_text
@@ -42,8 +42,6 @@ def generate_variant(overrides: list[str], prompts: int, root: str) -> list[dict
     config = load_config("default", [f"runs_dir={root}", "generate.max_rounds=1", f"generate.prompts_per_round={prompts}",
                                      "generate.target=100000", *overrides])
     run_generate(config, RunDir(f"{root}/{config.name}"), executor="local")
-    from selfspec.io import read_parquet
-
     return read_parquet(f"{root}/{config.name}/data/examples.parquet")
 
 

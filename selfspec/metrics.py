@@ -116,11 +116,13 @@ def parse_number(text: Any) -> float | None:
     text = str(text)
     marker = ANSWER_MARKER.search(text)
     match = NUMBER.search(text, marker.end() if marker else 0) or NUMBER.search(text)
-    if not match:
-        return None
-    cleaned = match.group().replace(",", "").replace("$", "").replace(" ", "")
+    return _number_value(match) if match else None
+
+
+def _number_value(match: re.Match) -> float | None:
+    """A `NUMBER` match as a float, thousands separators, `$` and spaces dropped."""
     try:
-        return float(cleaned)
+        return float(match.group().replace(",", "").replace("$", "").replace(" ", ""))
     except ValueError:
         return None
 
@@ -199,9 +201,7 @@ def parse_final_number(text: Any) -> float | None:
     markers = list(ANSWER_MARKER.finditer(text))
     after = NUMBER.search(text, markers[-1].end()) if markers else None
     numbers = [after] if after else list(NUMBER.finditer(text))
-    if not numbers:
-        return None
-    return float(numbers[-1].group().replace(",", "").replace("$", "").replace(" ", ""))
+    return _number_value(numbers[-1]) if numbers else None
 
 
 def gold_number(gold: str, meta: dict[str, Any] | None = None) -> float | None:

@@ -77,6 +77,12 @@ def task_profiles(seeds: Sequence[Seed]) -> dict[str, TaskProfile]:
     return profiles
 
 
+def label_task(profiles: dict[str, TaskProfile], task: str) -> TaskProfile | None:
+    """The profile of `task` when it is a label task, else None."""
+    profile = profiles.get(task)
+    return profile if profile is not None and profile.labelled else None
+
+
 def answer_label(text: str, profile: TaskProfile) -> str | None:
     """The label a free-form answer names, spelled as in the seeds; None when it names none."""
     return extract_label(text, profile.labels) if profile.labelled else None
@@ -123,8 +129,7 @@ def balance_labels(rows: list[dict[str, Any]], profiles: dict[str, TaskProfile],
     label shares follow the seeds'. Returns (kept rows in their order, rows dropped)."""
     by_type: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, row in enumerate(rows):
-        profile = profiles.get(row.get("task", ""))
-        if profile and profile.labelled and row.get("label"):
+        if label_task(profiles, row.get("task", "")) and row.get("label"):
             by_type[row["task"]][normalize_text(row["label"])].append(i)
     dropped: set[int] = set()
     for task, by_label in by_type.items():

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shlex
 import sys
 import time
@@ -104,10 +103,16 @@ def scorings_of(scoring: str) -> list[str]:
     return ["generate", "loglik"] if scoring == "both" else [scoring]
 
 
+def task_scorings(task: Task, scoring: str) -> list[str]:
+    """How a task's answers are scored: choice tasks by each configured scoring, the
+    others by generation only."""
+    return scorings_of(scoring) if task.kind == "choice" else ["generate"]
+
+
 # -- prompts -------------------------------------------------------------------
 def names_every_label(instruction: str, labels: tuple[str, ...]) -> bool:
     """Whether the instruction already spells out each label (whole words, any case)."""
-    return all(re.search(rf"(?<!\w){re.escape(label)}(?!\w)", instruction, re.IGNORECASE) for label in labels)
+    return all(extract_label(instruction, [label]) for label in labels)
 
 
 def user_content(instruction: str, row: dict[str, Any], labels: tuple[str, ...] | None) -> str:
@@ -208,7 +213,7 @@ def build_requests(
     requests = []
     for task in tasks:
         rows = task.test[: cfg.max_examples]
-        modes = scorings_of(cfg.scoring) if task.kind == "choice" else ["generate"]
+        modes = task_scorings(task, cfg.scoring)
         max_new = min(cfg.max_new_tokens, CHOICE_MAX_NEW_TOKENS) if task.kind == "choice" else cfg.max_new_tokens
         for shot in cfg.shots:
             pool = demo_pool(task, cfg.demos, seed_sets) if shot else []
@@ -452,12 +457,6 @@ def collect(
         row = task.test[request["index"]]
         predictions[request["model"]][task.name].append(prediction_record(task, row, request, result, rel_tol))
     return predictions
-
-
-def task_scorings(task: Task, scoring: str) -> list[str]:
-    """How a task's answers are scored: choice tasks by each configured scoring, the
-    others by generation only."""
-    return scorings_of(scoring) if task.kind == "choice" else ["generate"]
 
 
 def score_section(

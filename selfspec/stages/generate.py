@@ -38,6 +38,7 @@ from selfspec.quality import (
     DomainRelevance,
     TaskProfile,
     balance_labels,
+    label_task,
     majority_label,
     select_task_mix,
     task_profiles,
@@ -165,8 +166,8 @@ def answer_rows(answered: list[dict[str, Any]], profiles: dict[str, TaskProfile]
     sampled answers names (spelled as in the seeds); other tasks keep the greedy answer."""
     examples = []
     for row in sorted(answered, key=lambda r: r["id"]):
-        profile = profiles.get(row["task"])
-        if profile is not None and profile.labelled:
+        profile = label_task(profiles, row["task"])
+        if profile is not None:
             agreement = gen.consistency_agreement if len(row["samples"]) > 1 else 0.0
             label, share = majority_label(row["samples"], profile, agreement)
             if label is None:
@@ -247,8 +248,8 @@ def run_round(
     instruction_tokens = sum(r["completion_tokens"] for r in raw)
 
     to_answer = response_rows(kept, seeds.seeds, gen.response_demos)
-    labelled = [r for r in to_answer if r["task"] in profiles and profiles[r["task"]].labelled]
-    open_ended = [r for r in to_answer if not (r["task"] in profiles and profiles[r["task"]].labelled)]
+    labelled = [r for r in to_answer if label_task(profiles, r["task"])]
+    open_ended = [r for r in to_answer if not label_task(profiles, r["task"])]
     sampled = gen.consistency_samples > 1
     label_params = SamplingParams(
         temperature=gen.consistency_temperature if sampled else 0.0,
