@@ -215,7 +215,12 @@ def run_round(
         stop=(f"\n{next_number}.", f"\n{next_number} .", *(ITEM_END_STOPS if gen.instructions_per_prompt == 1 else ())),
         seed=gen.seed,
     )
-    raw = _map(prompts, functools.partial(write_instructions, params=params, adapter=adapter), config, executor, adapters, f"round {round}: instructions")
+    # An instruction for a given passage is one line: stop at its end, not at the token limit.
+    one_line = replace(params, stop=("\n",))
+    raw = []
+    for rows, row_params in (([p for p in prompts if not p["given_input"]], params), ([p for p in prompts if p["given_input"]], one_line)):
+        if rows:
+            raw += _map(rows, functools.partial(write_instructions, params=row_params, adapter=adapter), config, executor, adapters, f"round {round}: instructions")
     raw.sort(key=lambda r: r["prompt_id"])
     drops: Counter[str] = Counter()
     items = parse_round(raw, gen, drops)
