@@ -33,37 +33,52 @@ def task_files(paths: Iterable[str]) -> list[Path]:
     return files
 
 
-def check_contamination(
-    examples: list[dict[str, Any]], tasks: list[str], n: int = 13
-) -> tuple[dict[str, Any], set[str]]:
-    """Return (report, ids of flagged examples)."""
-    index: dict[tuple[str, ...], set[tuple[str, str]]] = {}
-    for file in task_files(tasks):
-        task = file.parent.name
-        for line in file.read_text().splitlines():
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            for gram in ngrams(f"{item.get('input', '')} {item.get('output', '')}", n):
-                index.setdefault(gram, set()).add((task, str(item.get("id"))))
-    flagged: set[str] = set()
-    per_task: dict[str, dict[str, set[str]]] = {}
-    for example in examples:
+class ContaminationIndex:
+    """The word n-grams of evaluation tasks' test inputs and outputs, built once, against
+    which generated examples are checked as often as needed."""
+
+    def __init__(self, tasks: list[str], n: int = 13):
+        self.n = n
+        self.index: dict[tuple[str, ...], set[tuple[str, str]]] = {}
+        for file in task_files(tasks):
+            task = file.parent.name
+            for line in file.read_text().splitlines():
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                for gram in ngrams(f"{item.get('input', '')} {item.get('output', '')}", n):
+                    self.index.setdefault(gram, set()).add((task, str(item.get("id"))))
+
+    def matches(self, example: dict[str, Any]) -> set[tuple[str, str]]:
+        """(task, item id) of every task item sharing an n-gram with the example."""
         text = " ".join(example.get(k, "") for k in ("instruction", "input", "output"))
-        for gram in ngrams(text, n):
-            for task, item_id in index.get(gram, ()):
+        return {hit for gram in ngrams(text, self.n) for hit in self.index.get(gram, ())}
+
+    def check(self, examples: list[dict[str, Any]]) -> tuple[dict[str, Any], set[str]]:
+        """Return (report, ids of flagged examples)."""
+        flagged: set[str] = set()
+        per_task: dict[str, dict[str, set[str]]] = {}
+        for example in examples:
+            for task, item_id in self.matches(example):
                 flagged.add(example["id"])
                 entry = per_task.setdefault(task, {"examples": set(), "items": set()})
                 entry["examples"].add(example["id"])
                 entry["items"].add(item_id)
-    report = {
-        "n": n,
-        "examples_checked": len(examples),
-        "examples_flagged": len(flagged),
-        "tasks": {
-            task: {"examples_flagged": len(v["examples"]), "task_items_matched": len(v["items"])}
-            for task, v in sorted(per_task.items())
-        },
-        "flagged_ids": sorted(flagged),
-    }
-    return report, flagged
+        report = {
+            "n": self.n,
+            "examples_checked": len(examples),
+            "examples_flagged": len(flagged),
+            "tasks": {
+                task: {"examples_flagged": len(v["examples"]), "task_items_matched": len(v["items"])}
+                for task, v in sorted(per_task.items())
+            },
+            "flagged_ids": sorted(flagged),
+        }
+        return report, flagged
+
+
+def check_contamination(
+    examples: list[dict[str, Any]], tasks: list[str], n: int = 13
+) -> tuple[dict[str, Any], set[str]]:
+    """Return (report, ids of flagged examples)."""
+    return ContaminationIndex(tasks, n).check(examples)

@@ -245,6 +245,31 @@ def test_grounded_generation_records_passage_ids_from_the_corpus(tmp_path):
     assert {i for r in rows for i in r["passage_ids"]} <= set(passages)
 
 
+def test_rows_grounded_in_a_tasks_own_documents_are_flagged_and_removed_before_the_target(tmp_path):
+    from selfspec.stages.generate import run_generate
+
+    # An evaluation task whose test inputs are the corpus passages themselves: every row
+    # grounded in one is contaminated, as the PubMedQA abstracts of the shared corpus are.
+    documents = read_documents(resolve_corpus("builtin:biomedical", ""))
+    task = tmp_path / "tasks" / "own_documents"
+    task.mkdir(parents=True)
+    write_jsonl(task / "test.jsonl", [{"id": d["id"], "input": d["text"], "output": "yes"} for d in documents])
+    config = grounding_config(
+        tmp_path, "retrieval.passage_as_input=true", f"generate.contamination.tasks=[{tmp_path / 'tasks'}]",
+        "generate.contamination.remove=true", "generate.max_rounds=2",
+    )
+    summary = run_generate(config, RunDir(str(tmp_path / "grounded")), executor="local")
+    rows = read_parquet(tmp_path / "grounded" / "data" / "examples.parquet")
+    report = summary["contamination"]
+    assert report["examples_flagged"] >= 1 and report["removed"] == report["examples_flagged"]
+    assert report["tasks"]["own_documents"]["examples_flagged"] == report["examples_flagged"]
+    assert report["final_flagged"] == 0 and summary["drops"]["final"]["contaminated"] == report["removed"]
+    # Flagged rows do not count toward the target: generation went on for another round
+    # (every row here copies a task document, so none is left to keep).
+    assert summary["rounds"] == 2 and report["examples_checked"] > config.generate.target
+    assert len(rows) == report["examples_checked"] - report["removed"]
+
+
 def test_ray_actors_and_encoders_match_the_in_process_path(tmp_path, ray_local):
     import numpy as np
 

@@ -341,8 +341,17 @@ def run_generate(
         retriever = PromptGrounder.from_config(config, run_dir)
     relevance = domain_relevance(config, seeds) if gen.min_relevance is not None else None
     profiles = task_profiles(seeds.seeds)
+    contamination = None
+    if gen.contamination.tasks:
+        from selfspec.contamination import ContaminationIndex
+
+        contamination = ContaminationIndex(gen.contamination.tasks, gen.contamination.n)
 
     def usable(rows: list[Example]) -> list[Example]:
+        """Rows that count toward the target: contaminated ones removed (when asked), then
+        label shares balanced; generation goes on until the target is met after both."""
+        if contamination is not None and gen.contamination.remove:
+            rows = [r for r in rows if not contamination.matches(r)]
         return balance_labels(rows, profiles, gen.label_tolerance)[0] if gen.balance_labels else rows
 
     round = len(manifest["shards"]) + 1
@@ -367,18 +376,18 @@ def run_generate(
     balanced = usable(done)
     final = select_task_mix(balanced, target, profiles) if gen.demos_by_task else balanced[:target]
     report = None
-    if gen.contamination.tasks:
-        from selfspec.contamination import check_contamination
-
-        report, flagged = check_contamination(final, gen.contamination.tasks, gen.contamination.n)
-        if gen.contamination.remove:
-            final = [e for e in final if e["id"] not in flagged]
+    if contamination is not None:
+        # Every generated row is checked; with remove, flagged ones never reach the final set.
+        report, flagged = contamination.check(done)
+        report["removed"] = len(flagged) if gen.contamination.remove else 0
+        report["final_flagged"] = sum(e["id"] in flagged for e in final)
         write_json(data("contamination.json"), report)
     write_parquet(data("examples.parquet"), final, schema=example_schema())
     write_jsonl(data("alpaca.jsonl"), (to_alpaca(e) for e in final))
     write_jsonl(data("chat.jsonl"), (to_messages(e) for e in final))
     summary = summarize(manifest, final, resumed, report)
-    summary["drops"]["final"] = {"label_balance": len(done) - len(balanced)}
+    removed = report["removed"] if report else 0
+    summary["drops"]["final"] = {"contaminated": removed, "label_balance": len(done) - removed - len(balanced)}
     summary["profile"] = profile(final, seeds.seeds)
     if relevance is not None:
         summary["relevance_threshold"] = float(f"{relevance.threshold:.4f}")
@@ -444,7 +453,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         if reasons:
             lines.append(f"{stage} drops: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])))
     if summary.get("contamination"):
-        lines.append(f"contamination: {summary['contamination']['examples_flagged']} examples flagged")
+        c = summary["contamination"]
+        lines.append(
+            f"contamination: {c['examples_flagged']} of {c['examples_checked']} generated examples flagged, "
+            f"{c.get('removed', 0)} removed, {c.get('final_flagged', 0)} in the final set"
+        )
     if summary.get("profile"):
         from selfspec.data_profile import format_profile
 
