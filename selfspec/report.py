@@ -323,7 +323,10 @@ def _img(data: str, alt: str) -> str:
 
 def _answer(record: dict[str, Any]) -> str:
     parsed = record["parsed"]
-    text = "; ".join(parsed) if isinstance(parsed, list) else ("(none)" if parsed is None else str(parsed))
+    if isinstance(parsed, list):  # entities, or [type, mention] pairs of a typed entity task
+        text = "; ".join(e if isinstance(e, str) else f"{e[0]}: {e[1]}" for e in parsed)
+    else:
+        text = "(none)" if parsed is None else str(parsed)
     return f"{text}  [{record['score']:.2f}]"
 
 

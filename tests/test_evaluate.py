@@ -538,3 +538,11 @@ def test_eval_cli_end_to_end(ray_local, adapter_dir, tmp_path, capsys):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", report, re.IGNORECASE)
     assert 'src="http' not in report
     assert report.count('src="data:image/png;base64,') == 3  # per task, funnel, loss curve
+
+
+def test_report_shows_typed_entity_answers():
+    from selfspec.report import _answer
+
+    record = {"parsed": [["Chemicals", "cisplatin"], ["Diseases", "nephrotoxicity"]], "score": 0.5}
+    assert _answer(record) == "Chemicals: cisplatin; Diseases: nephrotoxicity  [0.50]"
+    assert _answer({"parsed": ["ataxia", "cancer"], "score": 1.0}) == "ataxia; cancer  [1.00]"
