@@ -25,6 +25,8 @@ from selfspec.schema import Seed
 
 # A task type whose seed answers have at most this many words (median) is a label task.
 LABEL_MAX_WORDS = 3
+# An answer longer than this many times its type's longest seed answer is off form.
+FORM_LENGTH_RATIO = 2
 # Label balancing never cuts a label below this many rows.
 MIN_LABEL_ROWS = 2
 
@@ -38,6 +40,7 @@ class TaskProfile:
     share: float  # of all seeds
     input_words: int  # median words of the seeds' inputs (0: the type takes no input)
     output_words: int  # median words of the seeds' outputs
+    max_output_words: int  # the longest seed output, in words
     labels: tuple[str, ...]  # label set (seed spelling), empty for open-ended types
     label_shares: dict[str, float]  # normalized label -> share among the type's seeds
 
@@ -71,10 +74,18 @@ def task_profiles(seeds: Sequence[Seed]) -> dict[str, TaskProfile]:
             share=len(members) / len(seeds),
             input_words=int(statistics.median(len(s["input"].split()) for s in members)),
             output_words=output_words,
+            max_output_words=max(len(s["output"].split()) for s in members),
             labels=labels,
             label_shares=shares,
         )
     return profiles
+
+
+def off_form(answer: str, profile: TaskProfile | None) -> bool:
+    """An answer far longer than any seed answer of its task type (more than
+    `FORM_LENGTH_RATIO` times the longest): for an entity list, a copied or paraphrased
+    input rather than the list."""
+    return profile is not None and len(answer.split()) > FORM_LENGTH_RATIO * profile.max_output_words
 
 
 def label_task(profiles: dict[str, TaskProfile], task: str) -> TaskProfile | None:

@@ -12,6 +12,7 @@ from selfspec.quality import (
     DomainRelevance,
     balance_labels,
     fit_passage,
+    off_form,
     label_caps,
     majority_label,
     select_task_mix,
@@ -136,3 +137,10 @@ def test_domain_relevance_scores_seeds_above_off_domain_text():
         "Write a limerick about your favourite football team.\nThe team won the cup final on Saturday.",
     ])
     assert on >= relevance.threshold > off
+
+
+def test_answers_far_longer_than_the_seeds_answers_are_off_form():
+    gene_ner = task_profiles(load_seeds("seeds/biomedical.yaml").seeds)["gene_ner"]
+    sentence = "A susceptibility gene for hereditary breast-ovarian cancer, BRCA1, has been assigned to chromosome 17q21."
+    assert off_form(sentence, gene_ner) and not off_form("BRCA1", gene_ner)
+    assert not off_form(sentence, None)  # a row without a task type has no form to keep

@@ -40,6 +40,7 @@ from selfspec.quality import (
     balance_labels,
     label_task,
     majority_label,
+    off_form,
     select_task_mix,
     task_profiles,
     task_text,
@@ -176,6 +177,8 @@ def answer_rows(answered: list[dict[str, Any]], profiles: dict[str, TaskProfile]
             row = {**row, "output": label, "label": label}
         else:
             reason = response_drop_reason(row["output"], row["finish_reason"], row["input"])
+            if reason is None and off_form(row["output"], profiles.get(row["task"])):
+                reason = "off_form"
             if reason:
                 drops[reason] += 1
                 continue
