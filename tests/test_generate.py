@@ -202,3 +202,5 @@ def test_first_round_is_sized_by_the_expected_yield_then_by_the_measured_one():
     shards = [{"counts": {"prompts": 100, "examples": 25}}]
     assert prompts_for_round(gen, 10, shards) == 44  # 10 / 0.25 * 1.1
     assert prompts_for_round(gen, 1, shards) == gen.batch_size * gen.replicas  # never below one batch per replica
+    # Rows removed as contaminated or for balance do not count: the yield is what counts.
+    assert prompts_for_round(gen, 10, shards, made=40) == 28  # 10 / 0.4 * 1.1

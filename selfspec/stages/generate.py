@@ -293,12 +293,14 @@ def run_round(
     }
 
 
-def prompts_for_round(gen, remaining: int, shards: list[dict[str, Any]]) -> int:
-    """Enough prompts for the remaining examples at the yield seen so far."""
+def prompts_for_round(gen, remaining: int, shards: list[dict[str, Any]], made: int | None = None) -> int:
+    """Enough prompts for the remaining examples at the yield seen so far. `made`: the
+    examples that count toward the target (after contamination removal and label
+    balance); default all the shards' examples."""
     if gen.prompts_per_round:
         return gen.prompts_per_round
     prompts = sum(s["counts"]["prompts"] for s in shards)
-    made = sum(s["counts"]["examples"] for s in shards)
+    made = sum(s["counts"]["examples"] for s in shards) if made is None else made
     expected_yield = max(made / prompts, 0.1) if prompts else gen.expected_yield
     need = math.ceil(remaining / expected_yield * 1.1)
     return max(gen.batch_size * gen.replicas, min(need, 8 * max(remaining, 1)))
@@ -358,11 +360,11 @@ def run_generate(
         return balance_labels(rows, profiles, gen.label_tolerance)[0] if gen.balance_labels else rows
 
     round = len(manifest["shards"]) + 1
-    while len(usable(done)) < target:
+    while (counted := len(usable(done))) < target:
         if round > gen.max_rounds:
-            print(f"stopped after generate.max_rounds={gen.max_rounds} rounds with {len(done)}/{target} examples")
+            print(f"stopped after generate.max_rounds={gen.max_rounds} rounds with {counted}/{target} examples")
             break
-        num_prompts = prompts_for_round(gen, target - len(done), manifest["shards"])
+        num_prompts = prompts_for_round(gen, target - counted, manifest["shards"], counted)
         result = run_round(config, seeds, round, num_prompts, dedup, executor, config_hash, retriever, relevance)
         shard_file = f"shards/round-{round:04d}.parquet"
         examples = result.pop("examples")
