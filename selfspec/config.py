@@ -55,6 +55,9 @@ class ContaminationConfig(StageConfig):
     tasks: list[str] = []
     n: int = Field(13, ge=1)
     remove: bool = False
+    # With remove and retrieval on, corpus passages that overlap a task are never put in a
+    # prompt (rows grounded in them would be removed anyway); they are counted in the report.
+    exclude_passages: bool = True
 
 
 class GenerateConfig(StageConfig):

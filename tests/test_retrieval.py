@@ -256,7 +256,7 @@ def test_rows_grounded_in_a_tasks_own_documents_are_flagged_and_removed_before_t
     write_jsonl(task / "test.jsonl", [{"id": d["id"], "input": d["text"], "output": "yes"} for d in documents])
     config = grounding_config(
         tmp_path, "retrieval.passage_as_input=true", f"generate.contamination.tasks=[{tmp_path / 'tasks'}]",
-        "generate.contamination.remove=true", "generate.max_rounds=2",
+        "generate.contamination.remove=true", "generate.max_rounds=2", "generate.contamination.exclude_passages=false",
     )
     summary = run_generate(config, RunDir(str(tmp_path / "grounded")), executor="local")
     rows = read_parquet(tmp_path / "grounded" / "data" / "examples.parquet")
@@ -268,6 +268,30 @@ def test_rows_grounded_in_a_tasks_own_documents_are_flagged_and_removed_before_t
     # (every row here copies a task document, so none is left to keep).
     assert summary["rounds"] == 2 and report["examples_checked"] > config.generate.target
     assert len(rows) == report["examples_checked"] - report["removed"]
+
+
+def test_corpus_passages_from_a_tasks_own_documents_never_reach_a_prompt(tmp_path):
+    from selfspec.stages.generate import run_generate
+
+    # Half the corpus documents are a task's test inputs: those passages are flagged and kept
+    # out of every prompt, so no generated row is grounded in them or flagged for them.
+    documents = read_documents(resolve_corpus("builtin:biomedical", ""))
+    own = documents[::2]
+    task = tmp_path / "tasks" / "own_documents"
+    task.mkdir(parents=True)
+    write_jsonl(task / "test.jsonl", [{"id": d["id"], "input": d["text"], "output": "yes"} for d in own])
+    config = grounding_config(
+        tmp_path, "retrieval.passage_as_input=true", f"generate.contamination.tasks=[{tmp_path / 'tasks'}]",
+        "generate.contamination.remove=true",
+    )
+    summary = run_generate(config, RunDir(str(tmp_path / "grounded")), executor="local")
+    rows = read_parquet(tmp_path / "grounded" / "data" / "examples.parquet")
+    report = summary["contamination"]
+    assert report["passages_excluded"] >= 1 and report["examples_flagged"] == 0
+    passages = {p["id"]: p for p in make_passages(documents, 200, 32)}
+    own_ids = {d["id"] for d in own}
+    used = {i for r in rows for i in r["passage_ids"]}
+    assert rows and used and not any(passages[i]["doc_id"] in own_ids for i in used)
 
 
 def test_ray_actors_and_encoders_match_the_in_process_path(tmp_path, ray_local):

@@ -351,6 +351,8 @@ def run_generate(
         from selfspec.contamination import ContaminationIndex
 
         contamination = ContaminationIndex(gen.contamination.tasks, gen.contamination.n)
+        if retriever is not None and gen.contamination.remove and gen.contamination.exclude_passages:
+            retriever.excluded = lambda hit: bool(contamination.matches({"input": hit["text"]}))
 
     def usable(rows: list[Example]) -> list[Example]:
         """Rows that count toward the target: contaminated ones removed (when asked), then
@@ -386,6 +388,8 @@ def run_generate(
         report, flagged = contamination.check(done)
         report["removed"] = len(flagged) if gen.contamination.remove else 0
         report["final_flagged"] = sum(e["id"] in flagged for e in final)
+        if retriever is not None and retriever.excluded is not None:
+            report["passages_excluded"] = len(retriever.excluded_ids)
         write_json(data("contamination.json"), report)
     write_parquet(data("examples.parquet"), final, schema=example_schema())
     write_jsonl(data("alpaca.jsonl"), (to_alpaca(e) for e in final))
@@ -462,6 +466,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"contamination: {c['examples_flagged']} of {c['examples_checked']} generated examples flagged, "
             f"{c.get('removed', 0)} removed, {c.get('final_flagged', 0)} in the final set"
+            + (f"; {c['passages_excluded']} corpus passages overlapping a task kept out of prompts" if "passages_excluded" in c else "")
         )
     if summary.get("profile"):
         from selfspec.data_profile import format_profile

@@ -306,11 +306,35 @@ def render_passage(hit: Hit) -> str:
 class PromptGrounder:
     """Puts the top-k passages for each prompt's seeds (or a fixed query) into the prompt."""
 
-    def __init__(self, search: Callable[[list[str], int], list[list[Hit]]], top_k: int, query: str | None = None, passage_as_input: bool = False):
+    def __init__(
+        self,
+        search: Callable[[list[str], int], list[list[Hit]]],
+        top_k: int,
+        query: str | None = None,
+        passage_as_input: bool = False,
+        excluded: Callable[[Hit], bool] | None = None,
+    ):
         self.search = search
         self.top_k = top_k
         self.query = query
         self.passage_as_input = passage_as_input
+        self.excluded = excluded  # e.g. passages that share n-grams with an evaluation task
+        self.excluded_ids: set[str] = set()
+        self._verdicts: dict[str, bool] = {}
+
+    def allowed(self, hits: list[Hit]) -> list[Hit]:
+        """The top k hits that `excluded` lets through; excluded ones are remembered."""
+        if self.excluded is None:
+            return hits[: self.top_k]
+        kept = []
+        for hit in hits:
+            if hit["id"] not in self._verdicts:
+                self._verdicts[hit["id"]] = self.excluded(hit)
+            if self._verdicts[hit["id"]]:
+                self.excluded_ids.add(hit["id"])
+            else:
+                kept.append(hit)
+        return kept[: self.top_k]
 
     @classmethod
     def from_config(cls, config: RunConfig, run_dir: RunDir, executor: str | None = None) -> "PromptGrounder":
@@ -342,7 +366,9 @@ class PromptGrounder:
         demos = [[by_id[i] for i in row["seed_ids"]] for row in prompts]
         queries = [self.query or seed_query(d) for d in demos]
         unique = sorted(set(queries))
-        hits = dict(zip(unique, self.search(unique, self.top_k)))
+        # With exclusions, search deeper so that k passages are usually left after them.
+        depth = self.top_k if self.excluded is None else 3 * self.top_k
+        hits = {q: self.allowed(h) for q, h in zip(unique, self.search(unique, depth))}
         out = []
         for row, row_demos, query in zip(prompts, demos, queries):
             profile = profiles.get(row.get("task", ""))
