@@ -329,3 +329,20 @@ def test_cli_help_lists_every_stage():
     out = subprocess.run([sys.executable, "-m", "selfspec.cli", "--help"], check=True, capture_output=True, text=True).stdout
     for command in ("generate", "train", "eval", "serve", "run"):
         assert command in out
+
+
+def test_long_prompts_run_in_smaller_batches_with_the_same_outputs(fp32_backend):
+    from dataclasses import replace
+
+    long = "Summarize: " + "The patient was given aspirin for the headache. " * 40
+    prompts = [long, "Name a vitamin.", long + " Again.", "Name an organ.", "Name a drug."]
+    params = SamplingParams(max_new_tokens=6)
+    rows = [(i, 0) for i in range(len(prompts))]
+    lengths = [fp32_backend.count_tokens(p) for p in prompts]
+    rows.sort(key=lambda r: -lengths[r[0]])
+    small = replace(fp32_backend, max_batch_tokens=2 * (lengths[2] + 6))
+    chunks = [len(chunk) for _, chunk in small._chunks(rows, lengths, 6)]
+    # The two long prompts share a batch; the short ones, which pad to far less, go together.
+    assert chunks == [2, 3]
+    assert [len(c) for _, c in fp32_backend._chunks(rows, lengths, 6)] == [5]
+    assert small.generate(prompts, params) == fp32_backend.generate(prompts, params)

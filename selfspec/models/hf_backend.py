@@ -313,6 +313,7 @@ class TransformersBackend(ModelBackend):
     model: Any = None
     device: str = "cpu"
     max_batch_size: int = 64
+    max_batch_tokens: int = 16384  # rows x (longest prompt + max_new_tokens) per batch
     decode_segment: int = 8  # decode steps between dropping the rows that ended
     # A batch whose rows all use one adapter runs on that adapter folded into the weights (one
     # extra copy of the weights it changes, kept for the adapter used last). "auto": only when
@@ -347,6 +348,7 @@ class TransformersBackend(ModelBackend):
             tokenizer=tokenizer,
             device=device,
             max_batch_size=config.max_batch_size,
+            max_batch_tokens=getattr(config, "max_batch_tokens", 16384),
             merge_single_adapter=config.merge_single_adapter,
         )
 
@@ -435,8 +437,7 @@ class TransformersBackend(ModelBackend):
         rows = [(i, k) for i in range(len(texts)) for k in range(params.n)]
         rows.sort(key=lambda row: (order[names[row[0]]], -lengths[row[0]]))
         results: list[list[Completion | None]] = [[None] * params.n for _ in texts]
-        for start in range(0, len(rows), self.max_batch_size):
-            chunk = rows[start : start + self.max_batch_size]
+        for start, chunk in self._chunks(rows, lengths, params.max_new_tokens):
             outputs = self._generate_batch(
                 [texts[i] for i, _ in chunk],
                 [names[i] for i, _ in chunk],
@@ -446,6 +447,20 @@ class TransformersBackend(ModelBackend):
             for (i, k), out in zip(chunk, outputs):
                 results[i][k] = out
         return results  # type: ignore[return-value]
+
+    def _chunks(self, rows: list[tuple[int, int]], lengths: list[int], max_new_tokens: int) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+        """(start, rows) batches of `rows` (sorted longest first within an adapter) of at most
+        max_batch_size rows and max_batch_tokens tokens, padding and new tokens included."""
+        start = 0
+        while start < len(rows):
+            end, width = start, 0
+            while end < len(rows) and end - start < self.max_batch_size:
+                width = max(width, lengths[rows[end][0]] + max_new_tokens)
+                if end > start and (end - start + 1) * width > self.max_batch_tokens:
+                    break
+                end += 1
+            yield start, rows[start:end]
+            start = end
 
     def _generate_batch(
         self, texts: list[str], names: list[str | None], params: SamplingParams, seed: int | None
