@@ -235,6 +235,9 @@ class RetrievalConfig(StageConfig):
     top_k: int = Field(2, ge=1)
     query: str | None = None  # one fixed query for every prompt instead of its seeds' text
     passage_as_input: bool = False
+    # With passage_as_input: how many of the top_k a prompt for a task without input shows
+    # (None: all top_k); each passage adds its length to every such prompt's prefill.
+    context_passages: int | None = Field(None, ge=1)
     replicas: int = Field(1, ge=1)  # retrieval actors that serve generation's queries
     index_dir: str | None = None  # default: <run dir>/index
     # Hybrid fuses the top `fusion_depth` of each method. convex (default): dense_weight * dense +

@@ -209,6 +209,23 @@ def test_fixed_query_and_passage_as_input_shape_the_prompt(tmp_path):
             assert not row["given_input"] and PASSAGE_AS_INPUT.strip() in row["prompt"] and "[1] Gout: Gout flares" in row["prompt"]
 
 
+def test_tasks_without_input_see_only_context_passages(tmp_path):
+    from selfspec.stages.generate import load_seed_sets
+    from selfspec.stages.generate_instructions import make_prompt_rows
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    config = config_for(
+        tmp_path, corpus, "retrieval.passage_as_input=true", "retrieval.top_k=3", "retrieval.context_passages=1"
+    )
+    seeds = load_seed_sets(config)[0]
+    prompts = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, 12, 3, 0, 1)
+    grounded = PromptGrounder.from_config(config, RunDir(str(tmp_path / "r")), executor="local").ground(prompts, seeds)
+    without_input = [r for r in grounded if not r["given_input"]]
+    assert without_input and all(len(r["passage_ids"]) == 1 for r in grounded)
+    for row in without_input:
+        assert "[1] " in row["prompt"] and "[2] " not in row["prompt"]
+
+
 def grounding_config(tmp_path: Path, *extra: str):
     return load_config(
         "default",

@@ -313,11 +313,13 @@ class PromptGrounder:
         query: str | None = None,
         passage_as_input: bool = False,
         excluded: Callable[[Hit], bool] | None = None,
+        context_passages: int | None = None,
     ):
         self.search = search
         self.top_k = top_k
         self.query = query
         self.passage_as_input = passage_as_input
+        self.context_passages = context_passages or top_k
         self.excluded = excluded  # e.g. passages that share n-grams with an evaluation task
         self.excluded_ids: set[str] = set()
         self._verdicts: dict[str, bool] = {}
@@ -351,7 +353,7 @@ class PromptGrounder:
             search = retriever.search
         else:
             search = RetrievalActorPool(files, manifest, search_settings(config), r.replicas, r.num_cpus_per_retriever).search
-        return cls(search, r.top_k, r.query, r.passage_as_input)
+        return cls(search, r.top_k, r.query, r.passage_as_input, context_passages=r.context_passages)
 
     def ground(self, prompts: list[dict[str, Any]], seeds: SeedSet) -> list[dict[str, Any]]:
         """Rows with `prompt` rebuilt around their retrieved passages and `passage_ids` set.
@@ -379,9 +381,10 @@ class PromptGrounder:
                 out.append({**row, "prompt": prompt, "passage_ids": [hit["id"]], "given_input": passage})
                 continue
             description = seeds.description + (PASSAGE_AS_INPUT if self.passage_as_input else "")
-            passages = [render_passage(h) for h in hits[query]]
+            shown = hits[query][: self.context_passages] if self.passage_as_input else hits[query]
+            passages = [render_passage(h) for h in shown]
             prompt = build_prompt(seeds.domain, description, row_demos, passages)
-            out.append({**row, "prompt": prompt, "passage_ids": [h["id"] for h in hits[query]]})
+            out.append({**row, "prompt": prompt, "passage_ids": [h["id"] for h in shown]})
         return out
 
 
