@@ -226,6 +226,28 @@ def test_tasks_without_input_see_only_context_passages(tmp_path):
         assert "[1] " in row["prompt"] and "[2] " not in row["prompt"]
 
 
+def test_a_passage_goes_to_each_task_type_once_while_others_are_left(tmp_path):
+    from collections import Counter
+
+    from selfspec.stages.generate import load_seed_sets
+    from selfspec.stages.generate_instructions import make_prompt_rows
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    # Dense search ranks every passage, so each prompt has all of them to choose from.
+    config = config_for(tmp_path, corpus, "retrieval.method=dense", "retrieval.passage_as_input=true", f"retrieval.top_k={len(DOCS)}")
+    seeds = load_seed_sets(config)[0]
+    prompts = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, 40, 3, 0, 1)
+    grounder = PromptGrounder.from_config(config, RunDir(str(tmp_path / "r")), executor="local")
+    given = [r for r in grounder.ground(prompts, seeds) if r["given_input"]]
+    per_type = Counter(r["task"] for r in given)
+    uses = Counter((r["passage_ids"][0], r["task"]) for r in given)
+    # Every type gets distinct passages until it has used them all.
+    for task, count in per_type.items():
+        type_uses = [n for (_, t), n in uses.items() if t == task]
+        assert len(type_uses) == min(count, len(DOCS)), task
+    assert grounder.given == set(uses)
+
+
 def grounding_config(tmp_path: Path, *extra: str):
     return load_config(
         "default",

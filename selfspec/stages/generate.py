@@ -357,6 +357,7 @@ def run_generate(
         from selfspec.stages.retrieve import PromptGrounder
 
         retriever = PromptGrounder.from_config(config, run_dir)
+        retriever.given.update((i, r["task"]) for r in done if r["input"] for i in r["passage_ids"])
     relevance = domain_relevance(config, seeds) if gen.min_relevance is not None else None
     profiles = task_profiles(seeds.seeds)
     contamination = None

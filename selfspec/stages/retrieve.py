@@ -322,6 +322,7 @@ class PromptGrounder:
         self.context_passages = context_passages or top_k
         self.excluded = excluded  # e.g. passages that share n-grams with an evaluation task
         self.excluded_ids: set[str] = set()
+        self.given: set[tuple[str, str]] = set()  # (passage id, task type) already used as an input
         self._verdicts: dict[str, bool] = {}
 
     def allowed(self, hits: list[Hit]) -> list[Hit]:
@@ -359,8 +360,9 @@ class PromptGrounder:
         """Rows with `prompt` rebuilt around their retrieved passages and `passage_ids` set.
 
         With `passage_as_input`, a row of a task type whose seeds take an input gets one
-        retrieved passage (drawn among the top k, cut to about twice the seeds' input
-        length) as its input, and the model writes only the instruction for it."""
+        retrieved passage (drawn among the top k, preferring one this grounder has not given
+        to that type yet, cut to about twice the seeds' input length) as its input, and the
+        model writes only the instruction for it."""
         from selfspec.quality import fit_passage, task_profiles
 
         by_id = {s["id"]: s for s in seeds.seeds}
@@ -375,7 +377,11 @@ class PromptGrounder:
         for row, row_demos, query in zip(prompts, demos, queries):
             profile = profiles.get(row.get("task", ""))
             if self.passage_as_input and profile and profile.input_words and hits[query]:
-                hit = random.Random(row["prompt_id"]).choice(hits[query])
+                # A passage not yet given to this task type, when one is left: the same passage
+                # under the same kind of task makes a near-duplicate.
+                fresh = [h for h in hits[query] if (h["id"], row["task"]) not in self.given] or hits[query]
+                hit = random.Random(row["prompt_id"]).choice(fresh)
+                self.given.add((hit["id"], row["task"]))
                 passage = fit_passage(hit["text"], max(2 * profile.input_words, 40))
                 prompt = build_prompt(seeds.domain, seeds.description, row_demos, new_input=passage)
                 out.append({**row, "prompt": prompt, "passage_ids": [hit["id"]], "given_input": passage})
