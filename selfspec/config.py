@@ -37,6 +37,9 @@ class ModelConfig(StageConfig):
     # chat: wrap prompts in the model's chat template; plain: raw completion text.
     prompt_format: Literal["auto", "chat", "plain"] = "auto"
     max_batch_size: int = Field(64, ge=1)
+    # transformers engine: a generate batch holds at most this many tokens (rows x the longest
+    # prompt plus max_new_tokens), so long prompts run in smaller batches and pad less.
+    max_batch_tokens: int = Field(16384, ge=256)
     num_threads: int | None = Field(None, ge=1)
     # transformers engine: a batch whose rows all use one LoRA adapter runs with it folded into a
     # copy of the weights it changes (faster; the copy costs memory) instead of PEFT applying it
@@ -276,7 +279,7 @@ class PipelineConfig(StageConfig):
 
 # Settings that change where and how fast a stage runs, not what it produces.
 SCALE_ONLY_KEYS: dict[str, set[str]] = {
-    "model": {"max_batch_size", "num_threads", "gpu_memory_utilization", "tensor_parallel_size"},
+    "model": {"max_batch_size", "max_batch_tokens", "num_threads", "gpu_memory_utilization", "tensor_parallel_size"},
     "generate": {"replicas", "num_cpus_per_replica", "num_gpus_per_replica"},
     "train": {"cpus_per_worker", "max_failures", "checkpoint_every"},
     "eval": {"replicas", "batch_size", "num_cpus_per_replica", "num_gpus_per_replica"},

@@ -88,6 +88,18 @@ def off_form(answer: str, profile: TaskProfile | None) -> bool:
     return profile is not None and len(answer.split()) > FORM_LENGTH_RATIO * profile.max_output_words
 
 
+# Generous: biomedical words with their punctuation run about 1.5 tokens each.
+TOKENS_PER_WORD = 2
+
+
+def response_budget(profile: TaskProfile | None, cap: int) -> int:
+    """New tokens an open-ended answer may take: enough for the longest answer `off_form`
+    keeps, so an answer cut there would have been dropped anyway; never above `cap`."""
+    if profile is None:
+        return cap
+    return min(cap, max(16, FORM_LENGTH_RATIO * profile.max_output_words * TOKENS_PER_WORD + 8))
+
+
 def label_task(profiles: dict[str, TaskProfile], task: str) -> TaskProfile | None:
     """The profile of `task` when it is a label task, else None."""
     profile = profiles.get(task)

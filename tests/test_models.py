@@ -397,3 +397,20 @@ def test_generated_token_logprobs(fp32_backend):
     # max_new_tokens 1 with the prompt scored (the shape of lm-evaluation-harness's requests): the same token.
     echo = fp32_backend.generate(prompts, SamplingParams(max_new_tokens=1, logprobs=1, prompt_logprobs=1))
     assert [c[0].logprobs[0].token_id for c in echo] == [c[0].logprobs[0].token_id for c in out]
+
+
+def test_long_prompts_run_in_smaller_batches_with_the_same_outputs(fp32_backend):
+    from dataclasses import replace
+
+    long = "Summarize: " + "The patient was given aspirin for the headache. " * 40
+    prompts = [long, "Name a vitamin.", long + " Again.", "Name an organ.", "Name a drug."]
+    params = SamplingParams(max_new_tokens=6)
+    rows = [(i, 0) for i in range(len(prompts))]
+    lengths = [fp32_backend.count_tokens(p) for p in prompts]
+    rows.sort(key=lambda r: -lengths[r[0]])
+    small = replace(fp32_backend, max_batch_tokens=2 * (lengths[2] + 6))
+    chunks = [len(chunk) for _, chunk in small._chunks(rows, lengths, params)]
+    # The two long prompts share a batch; the short ones, which pad to far less, go together.
+    assert chunks == [2, 3]
+    assert [len(c) for _, c in fp32_backend._chunks(rows, lengths, params)] == [5]
+    assert small.generate(prompts, params) == fp32_backend.generate(prompts, params)

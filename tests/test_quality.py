@@ -144,3 +144,28 @@ def test_answers_far_longer_than_the_seeds_answers_are_off_form():
     sentence = "A susceptibility gene for hereditary breast-ovarian cancer, BRCA1, has been assigned to chromosome 17q21."
     assert off_form(sentence, gene_ner) and not off_form("BRCA1", gene_ner)
     assert not off_form(sentence, None)  # a row without a task type has no form to keep
+
+
+def test_response_budgets_cover_every_answer_off_form_keeps():
+    from selfspec.quality import FORM_LENGTH_RATIO, response_budget
+
+    profiles = task_profiles(load_seeds("seeds/biomedical.yaml").seeds)
+    gene_ner, summary = profiles["gene_ner"], profiles["summarization"]
+    # An entity list gets a smaller budget than a summary; the config's limit caps both.
+    assert response_budget(gene_ner, 200) < response_budget(summary, 200) <= 200
+    assert response_budget(summary, 64) == 64
+    assert response_budget(None, 128) == 128
+    # The longest answer off_form keeps fits, at up to 2 tokens a word.
+    assert response_budget(gene_ner, 10_000) >= 2 * FORM_LENGTH_RATIO * gene_ner.max_output_words
+
+
+def test_write_responses_gives_each_row_its_own_budget(backend):
+    from selfspec.models import SamplingParams
+    from selfspec.stages.generate import write_responses
+
+    messages = [{"role": "user", "content": "Write a long essay about the history of medicine."}]
+    rows = [{"id": "a", "messages": messages, "max_new_tokens": 4}, {"id": "b", "messages": messages}]
+    out = write_responses(backend, rows, SamplingParams(max_new_tokens=12), None)
+    assert [r["id"] for r in out] == ["a", "b"]
+    assert [r["completion_tokens"] for r in out] == [4, 12]
+    assert all(r["finish_reason"] == "length" and "max_new_tokens" not in r and "messages" not in r for r in out)

@@ -361,6 +361,7 @@ class TransformersBackend(ModelBackend):
     model: Any = None
     device: str = "cpu"
     max_batch_size: int = 64
+    max_batch_tokens: int = 16384  # rows x (longest prompt + max_new_tokens) per batch
     decode_segment: int = 8  # decode steps between dropping the rows that ended
     # A batch whose rows all use one adapter runs on that adapter folded into the weights (one
     # extra copy of the weights it changes, kept for the adapter used last). "auto": only when
@@ -395,6 +396,7 @@ class TransformersBackend(ModelBackend):
             tokenizer=tokenizer,
             device=device,
             max_batch_size=config.max_batch_size,
+            max_batch_tokens=getattr(config, "max_batch_tokens", 16384),
             merge_single_adapter=config.merge_single_adapter,
         )
 
@@ -489,8 +491,7 @@ class TransformersBackend(ModelBackend):
         rows = [(i, k) for i in range(len(ids)) for k in range(params.n)]
         rows.sort(key=lambda row: (order[names[row[0]]], -len(ids[row[0]])))
         results: list[list[Completion | None]] = [[None] * params.n for _ in ids]
-        start = 0
-        for chunk in self._batches(rows, [len(i) for i in ids], params):
+        for start, chunk in self._chunks(rows, [len(i) for i in ids], params):
             outputs = self._generate_batch(
                 [ids[i] for i, _ in chunk],
                 [names[i] for i, _ in chunk],
@@ -499,26 +500,28 @@ class TransformersBackend(ModelBackend):
             )
             for (i, k), out in zip(chunk, outputs):
                 results[i][k] = out
-            start += len(chunk)
         return results  # type: ignore[return-value]
 
-    def _batches(
+    def _chunks(
         self, rows: list[tuple[int, int]], lengths: list[int], params: SamplingParams
-    ) -> Iterator[list[tuple[int, int]]]:
-        """Consecutive rows, at most max_batch_size at a time; with prompt logprobs also at most
-        PROMPT_LOGITS_BUDGET logits (rows x longest prompt x vocabulary), which the prefill keeps."""
-        chunk: list[tuple[int, int]] = []
-        longest = 0
-        for row in rows:
-            wider = max(longest, lengths[row[0]])
-            too_many = (len(chunk) + 1) * wider * self.vocab_size > PROMPT_LOGITS_BUDGET
-            if chunk and (len(chunk) == self.max_batch_size or (params.prompt_logprobs is not None and too_many)):
-                yield chunk
-                chunk, wider = [], lengths[row[0]]
-            chunk.append(row)
-            longest = wider
-        if chunk:
-            yield chunk
+    ) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+        """(start, rows) batches of `rows` (sorted longest first within an adapter) of at most
+        max_batch_size rows and max_batch_tokens tokens (padding and new tokens included); with
+        prompt logprobs also at most PROMPT_LOGITS_BUDGET logits (rows x longest prompt x
+        vocabulary), which the prefill keeps."""
+        start = 0
+        while start < len(rows):
+            end, longest = start, 0
+            while end < len(rows) and end - start < self.max_batch_size:
+                longest = max(longest, lengths[rows[end][0]])
+                count = end - start + 1
+                too_many_tokens = count * (longest + params.max_new_tokens) > self.max_batch_tokens
+                too_many_logits = params.prompt_logprobs is not None and count * longest * self.vocab_size > PROMPT_LOGITS_BUDGET
+                if end > start and (too_many_tokens or too_many_logits):
+                    break
+                end += 1
+            yield start, rows[start:end]
+            start = end
 
     def _generate_batch(
         self, ids: list[list[int]], names: list[str | None], params: SamplingParams, seed: int | None

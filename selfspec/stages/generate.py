@@ -41,6 +41,7 @@ from selfspec.quality import (
     label_task,
     majority_label,
     off_form,
+    response_budget,
     select_task_mix,
     task_profiles,
     task_text,
@@ -68,10 +69,17 @@ def write_instructions(backend, rows: list[dict[str, Any]], params: SamplingPara
 
 
 def write_responses(backend, rows: list[dict[str, Any]], params: SamplingParams, adapter: str | None) -> list[dict[str, Any]]:
-    completions = backend.generate([r["messages"] for r in rows], params, adapters=adapter)
+    """Answer rows; a row's own `max_new_tokens` (its task type's budget) overrides params'."""
+    budgets = sorted({r.get("max_new_tokens") or params.max_new_tokens for r in rows})
+    completions: list[Any] = [None] * len(rows)
+    for budget in budgets:
+        index = [i for i, r in enumerate(rows) if (r.get("max_new_tokens") or params.max_new_tokens) == budget]
+        outputs = backend.generate([rows[i]["messages"] for i in index], replace(params, max_new_tokens=budget), adapters=adapter)
+        for i, c in zip(index, outputs):
+            completions[i] = c
     out = []
     for row, c in zip(rows, completions):
-        row = {k: v for k, v in row.items() if k != "messages"}
+        row = {k: v for k, v in row.items() if k not in ("messages", "max_new_tokens")}
         out.append({
             **row,
             "output": clean_response(c[0].text),
@@ -177,8 +185,9 @@ def answer_rows(answered: list[dict[str, Any]], profiles: dict[str, TaskProfile]
             row = {**row, "output": label, "label": label}
         else:
             reason = response_drop_reason(row["output"], row["finish_reason"], row["input"])
-            if reason is None and off_form(row["output"], profiles.get(row["task"])):
-                reason = "off_form"
+            over_budget = reason == "truncated_response" and row["completion_tokens"] < gen.response_max_new_tokens
+            if over_budget or (reason is None and off_form(row["output"], profiles.get(row["task"]))):
+                reason = "off_form"  # longer than its type's seed-sized budget, or than off_form allows
             if reason:
                 drops[reason] += 1
                 continue
@@ -257,7 +266,11 @@ def run_round(
 
     to_answer = response_rows(kept, seeds.seeds, gen.response_demos)
     labelled = [r for r in to_answer if label_task(profiles, r["task"])]
-    open_ended = [r for r in to_answer if not label_task(profiles, r["task"])]
+    open_ended = [
+        {**r, "max_new_tokens": response_budget(profiles.get(r["task"]), gen.response_max_new_tokens)}
+        for r in to_answer
+        if not label_task(profiles, r["task"])
+    ]
     sampled = gen.consistency_samples > 1
     label_params = SamplingParams(
         temperature=gen.consistency_temperature if sampled else 0.0,
