@@ -191,6 +191,9 @@ class ServeConfig(StageConfig):
     # max_tokens when a chat request names none (completions follow OpenAI's 16).
     default_max_tokens: int = Field(256, ge=1)
     max_n: int = Field(4, ge=1)
+    # The most alternatives per token a request may ask for (completions `logprobs`, chat
+    # `top_logprobs`); 5 is OpenAI's bound for completions.
+    max_logprobs: int = Field(5, ge=0)
     num_replicas: int | Literal["auto"] = 1
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -331,6 +332,73 @@ def test_cli_help_lists_every_stage():
         assert command in out
 
 
+def test_token_id_prompts_generate_as_their_text(fp32_backend):
+    prompts = [chat(QUESTIONS[0]), "The capital of France is"]
+    params = SamplingParams(max_new_tokens=12)
+    as_ids = fp32_backend.generate([fp32_backend.encode(p) for p in prompts], params)
+    assert as_ids == fp32_backend.generate(prompts, params)
+
+
+def test_prompt_logprobs_equal_loglikelihood_with_and_without_adapters(tmp_path, monkeypatch):
+    """Scoring the exact ids context + continuation as a prompt (what an OpenAI `echo` request
+    asks) sums to `loglikelihood`, for the base, an adapter and a batch mixing both, also when
+    the prompt-logits budget splits batches to one row."""
+    from selfspec.config import ModelConfig
+    from selfspec.models import hf_backend, load_backend
+
+    backend = load_backend(ModelConfig(dtype="float32", backend="transformers"))
+    backend.load_adapter("bio", str(write_random_lora_adapter(backend.model.config, tmp_path / "bio", seed=1)))
+    requests = [(chat("Is aspirin an NSAID?"), "Yes, it is."), ("The capital of France is", " Paris"),
+                ("One, two,", " three, four, five")]
+    split = [backend.split_request(context, continuation) for context, continuation in requests]
+    prompts = [ctx + cont for ctx, cont in split]
+    params = SamplingParams(max_new_tokens=0, prompt_logprobs=2)
+    sums = {}
+    for adapters in (None, "bio", [None, "bio", None]):
+        expected = backend.loglikelihood(requests, adapters)
+        out = backend.generate(prompts, params, adapters)
+        got = [sum(t.logprob for t in c[0].prompt_logprobs[len(ctx):]) for c, (ctx, _) in zip(out, split)]
+        assert got == pytest.approx(expected, abs=1e-3), adapters
+        sums[str(adapters)] = got
+    assert sums["None"][1] != pytest.approx(sums["bio"][1], abs=1e-2)
+    assert sums["[None, 'bio', None]"] == pytest.approx([sums["None"][0], sums["bio"][1], sums["None"][2]], abs=1e-3)
+
+    scored = out[1][0]
+    assert scored.text == "" and scored.completion_tokens == 0 and scored.logprobs is None
+    assert [t.token_id for t in scored.prompt_logprobs] == prompts[1]
+    assert scored.prompt_logprobs[0].logprob is None and scored.prompt_logprobs[0].top == ()
+    for position in scored.prompt_logprobs[1:]:
+        assert len(position.top) == 2 and position.top[0].logprob >= position.top[1].logprob
+        assert position.logprob <= position.top[0].logprob
+    monkeypatch.setattr(hf_backend, "PROMPT_LOGITS_BUDGET", 1)  # one row per batch
+    one_by_one = backend.generate(prompts, params, [None, "bio", None])
+    for alone, batched in zip(one_by_one, out):
+        alone_lps = [t.logprob for t in alone[0].prompt_logprobs[1:]]
+        assert alone_lps == pytest.approx([t.logprob for t in batched[0].prompt_logprobs[1:]], abs=1e-4)
+
+
+def test_generated_token_logprobs(fp32_backend):
+    """Greedy: each generated token is the most likely one, and its logprob is what scoring the
+    prompt followed by the generated ids gives; asking for logprobs changes no output."""
+    prompts = [chat(QUESTIONS[0]), "1. Apple\n2. Banana\n3."]
+    plain = SamplingParams(max_new_tokens=10, stop=("\n",))
+    out = fp32_backend.generate(prompts, dataclasses.replace(plain, logprobs=3))
+    assert [c[0].text for c in out] == [c[0].text for c in fp32_backend.generate(prompts, plain)]
+    for prompt, (completion,) in zip(prompts, out):
+        assert len(completion.logprobs) == completion.completion_tokens > 0
+        for position in completion.logprobs:
+            assert len(position.top) == 3 and position.top[0].token_id == position.token_id
+            assert position.top[0].logprob == position.logprob
+        ids = fp32_backend.encode(prompt)
+        generated = [t.token_id for t in completion.logprobs]
+        (rescored,) = fp32_backend.generate([ids + generated], SamplingParams(max_new_tokens=0, prompt_logprobs=0))[0]
+        expected = [t.logprob for t in rescored.prompt_logprobs[len(ids):]]
+        assert [t.logprob for t in completion.logprobs] == pytest.approx(expected, abs=1e-3)
+    # max_new_tokens 1 with the prompt scored (the shape of lm-evaluation-harness's requests): the same token.
+    echo = fp32_backend.generate(prompts, SamplingParams(max_new_tokens=1, logprobs=1, prompt_logprobs=1))
+    assert [c[0].logprobs[0].token_id for c in echo] == [c[0].logprobs[0].token_id for c in out]
+
+
 def test_long_prompts_run_in_smaller_batches_with_the_same_outputs(fp32_backend):
     from dataclasses import replace
 
@@ -341,8 +409,8 @@ def test_long_prompts_run_in_smaller_batches_with_the_same_outputs(fp32_backend)
     lengths = [fp32_backend.count_tokens(p) for p in prompts]
     rows.sort(key=lambda r: -lengths[r[0]])
     small = replace(fp32_backend, max_batch_tokens=2 * (lengths[2] + 6))
-    chunks = [len(chunk) for _, chunk in small._chunks(rows, lengths, 6)]
+    chunks = [len(chunk) for _, chunk in small._chunks(rows, lengths, params)]
     # The two long prompts share a batch; the short ones, which pad to far less, go together.
     assert chunks == [2, 3]
-    assert [len(c) for _, c in fp32_backend._chunks(rows, lengths, 6)] == [5]
+    assert [len(c) for _, c in fp32_backend._chunks(rows, lengths, params)] == [5]
     assert small.generate(prompts, params) == fp32_backend.generate(prompts, params)

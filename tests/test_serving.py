@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from selfspec.config import RunConfig
+from selfspec.models import SamplingParams
 from selfspec.serving.registry import (
     MIN_RESCAN_S,
     AdapterNameError,
@@ -267,16 +268,20 @@ MALFORMED: list[tuple[str, object]] = [
     ("n huge", {"model": "base", "messages": QUESTION, "n": 1000}),
     ("stream a string", {"model": "base", "messages": QUESTION, "stream": "yes"}),
     ("stop a number", {"model": "base", "messages": QUESTION, "stop": 3}),
-    ("too many stops", {"model": "base", "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}),
+    ("too many stops", {"model": "base", "messages": QUESTION, "stop": [str(i) for i in range(17)]}),
     ("empty stop", {"model": "base", "messages": QUESTION, "stop": [""]}),
     ("seed negative", {"model": "base", "messages": QUESTION, "seed": -3}),
-    ("logprobs", {"model": "base", "messages": QUESTION, "logprobs": True}),
+    ("logprobs a string", {"model": "base", "messages": QUESTION, "logprobs": "yes"}),
+    ("top_logprobs without logprobs", {"model": "base", "messages": QUESTION, "top_logprobs": 2}),
     ("oversized body", {"model": "base", "messages": [{"role": "user", "content": "y" * 20000}]}),
     ("prompt too long", {"model": "base", "messages": [{"role": "user", "content": "word " * 600}]}),
     ("completions: prompt missing", {"model": "base"}),
     ("completions: prompt a number", {"model": "base", "prompt": 5}),
-    ("completions: token ids", {"model": "base", "prompt": [1, 2, 3]}),
-    ("completions: echo", {"model": "base", "prompt": "hi", "echo": True}),
+    ("completions: token id out of vocabulary", {"model": "base", "prompt": [1, 2, 10**9]}),
+    ("completions: negative token id", {"model": "base", "prompt": [[1, -2]]}),
+    ("completions: empty token list", {"model": "base", "prompt": [[]]}),
+    ("completions: suffix", {"model": "base", "prompt": "hi", "suffix": "bye"}),
+    ("completions: logprobs over the limit", {"model": "base", "prompt": "hi", "logprobs": 6}),
     ("completions: too many prompts", {"model": "base", "prompt": ["hi"] * 20}),
 ]
 
@@ -350,6 +355,175 @@ def test_promoted_adapter_is_served_without_restart(server, client, alone):
     response = client.chat.completions.create(model="biomedical", messages=QUESTION, max_tokens=8, temperature=0)
     assert response.model == "biomedical@v1"
     assert response.choices[0].message.content == alone[("bio", 0)]
+
+
+# -- what evaluation clients send: lm-evaluation-harness's `local-completions` ------------
+# Request bodies as lm_eval/models/openai_completions.py `_create_payload` builds them, and
+# responses read as its `parse_logprobs` and `parse_generations` read them.
+def lm_eval_parse_logprobs(response: dict, ctxlens: list[int]) -> list[tuple[float, bool]]:
+    """(sum of the continuation's logprobs, whether each continuation token is the argmax)."""
+    results = []
+    for choice, ctxlen in zip(sorted(response["choices"], key=lambda c: c["index"]), ctxlens):
+        token_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+        top_logprobs = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        is_greedy = all(token == max(top.values()) for token, top in zip(token_logprobs, top_logprobs))
+        results.append((sum(token_logprobs), is_greedy))
+    return results
+
+
+def lm_eval_parse_generations(response: dict) -> list[str]:
+    texts = [None] * len(response["choices"])
+    for choice in response["choices"]:
+        texts[choice["index"]] = choice["text"]
+    return texts
+
+
+def post(server, body: dict, path: str = "/v1/completions"):
+    import requests
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return requests.post(server["url"] + path, json=body, headers=headers, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    """The engine in this process, fp32 as the server's replica, with the server's 'bio' adapter."""
+    from selfspec.config import ModelConfig
+    from selfspec.models import load_backend
+
+    backend = load_backend(ModelConfig(dtype="float32", backend="transformers"))
+    backend.load_adapter("bio", str(server["adapters"]["bio"]))
+    return backend
+
+
+CONTEXT = "Question: Is aspirin a nonsteroidal anti-inflammatory drug?\nAnswer:"
+LOGLIKELIHOOD = [(CONTEXT, " yes"), (CONTEXT, " no"), ("The capital of France is", " Paris, the city of light"),
+                 ("The capital of France is", " banana bread")]
+
+
+def test_lm_eval_loglikelihood_requests_give_the_engines_loglikelihood(server, reference):
+    """The loglikelihood request (token ids of context + continuation, echo, max_tokens 1,
+    logprobs 1), parsed as lm-evaluation-harness does, sums to `TransformersBackend.loglikelihood`
+    for the base and for an adapter, which changes the echoed logprobs."""
+    # A greedy continuation, for is_greedy: the engine's own next three tokens.
+    greedy = reference.generate([LOGLIKELIHOOD[2][0]], SamplingParams(max_new_tokens=3))[0][0].text
+    requests = [*LOGLIKELIHOOD, (LOGLIKELIHOOD[2][0], greedy)]
+    split = [reference.split_request(context, continuation) for context, continuation in requests]
+    prompts = [ctx + cont for ctx, cont in split]
+    sums = {}
+    for model in ("base", "bio"):
+        body = {"model": model, "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+                "echo": True}
+        reply = post(server, body)
+        assert reply.status_code == 200, reply.text
+        response = reply.json()
+        parsed = lm_eval_parse_logprobs(response, [len(ctx) for ctx, _ in split])
+        expected = reference.loglikelihood(requests, None if model == "base" else "bio")
+        assert [value for value, _ in parsed] == pytest.approx(expected, abs=1e-3), model
+        sums[model] = [value for value, _ in parsed]
+        if model == "base":
+            assert [is_greedy for _, is_greedy in parsed][3:] == [False, True]  # banana bread; the greedy tokens
+        for choice, prompt in zip(response["choices"], prompts):
+            logprobs = choice["logprobs"]
+            assert len(logprobs["tokens"]) == len(prompt) + 1 == len(logprobs["token_logprobs"])
+            assert len(logprobs["top_logprobs"]) == len(logprobs["text_offset"]) == len(prompt) + 1
+            assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+            assert choice["text"].startswith(reference.tokenizer.decode(prompt))
+            assert logprobs["text_offset"][1] == len(logprobs["tokens"][0])
+            assert all(1 <= len(top) <= 2 for top in logprobs["top_logprobs"][1:])
+        assert response["usage"]["prompt_tokens"] == sum(map(len, prompts))
+        assert response["usage"]["completion_tokens"] == len(prompts)
+    assert all(abs(b - a) > 1e-2 for a, b in zip(sums["base"], sums["bio"]))
+
+
+def test_lm_eval_generation_requests_with_token_ids_and_text(server, reference):
+    """generate_until sends token ids (tokenized requests) or text, with the task's stop strings
+    plus the eos token: both give the engine's greedy texts."""
+    texts = ["Question: What organ pumps blood?\nAnswer:", "1. Apple\n2. Banana\n3."]
+    stop = ["\n\n", "Question:", "\n", reference.tokenizer.eos_token]
+    params = SamplingParams(max_new_tokens=16, stop=tuple(stop))
+    expected = [c[0].text for c in reference.generate(texts, params)]
+    for prompt in ([reference.encode(t) for t in texts], texts):
+        body = {"prompt": prompt, "model": "base", "max_tokens": 16, "temperature": 0, "stop": stop, "seed": 1234}
+        reply = post(server, body)
+        assert reply.status_code == 200, reply.text
+        assert lm_eval_parse_generations(reply.json()) == expected
+    one = post(server, {"prompt": texts[0], "model": "base", "max_tokens": 16, "temperature": 0, "stop": stop,
+                        "seed": 1234})
+    assert lm_eval_parse_generations(one.json()) == expected[:1]
+
+
+def test_echo_max_tokens_zero_n_and_seed_with_the_openai_client(client, reference):
+    ids = reference.encode("The capital of France is")
+    scored = client.completions.create(model="base", prompt=[ids], max_tokens=0, echo=True, logprobs=2)
+    (choice,) = scored.choices
+    assert choice.text == "The capital of France is" and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids)
+    assert len(choice.logprobs.tokens) == len(ids) and "".join(choice.logprobs.tokens) == choice.text
+    assert all(len(top) in (2, 3) for top in choice.logprobs.top_logprobs[1:])
+    empty = client.completions.create(model="base", prompt=[ids], max_tokens=0)
+    assert empty.choices[0].text == "" and empty.usage.completion_tokens == 0
+
+    sampled = [
+        client.completions.create(model="law", prompt=[ids, ids[:3]], max_tokens=6, temperature=0.9, seed=7, n=2,
+                                  echo=True, logprobs=0)
+        for _ in range(2)
+    ]
+    assert [c.text for c in sampled[0].choices] == [c.text for c in sampled[1].choices]
+    assert [c.index for c in sampled[0].choices] == [0, 1, 2, 3]
+    assert all(c.text.startswith("The capital of France is") for c in sampled[0].choices[:2])
+    for c in sampled[0].choices:
+        assert len(c.logprobs.tokens) > (len(ids) if c.index < 2 else 3)
+        assert c.logprobs.token_logprobs[0] is None and None not in c.logprobs.token_logprobs[1:]
+
+    generated = client.completions.create(model="base", prompt="The capital of France is", max_tokens=4,
+                                          temperature=0, logprobs=2)
+    logprobs = generated.choices[0].logprobs
+    assert "".join(logprobs.tokens) == generated.choices[0].text and len(logprobs.tokens) == 4
+    assert logprobs.text_offset[0] == 0
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert top[token] == logprob == max(top.values())
+
+
+def test_chat_logprobs(client, alone):
+    response = client.chat.completions.create(model="bio", messages=QUESTION, max_tokens=8, temperature=0,
+                                              logprobs=True, top_logprobs=2)
+    choice = response.choices[0]
+    assert choice.message.content == alone[("bio", 0)]
+    content = choice.logprobs.content
+    assert len(content) == response.usage.completion_tokens  # an eos token too, where the answer ends
+    assert "".join(t.token for t in content).startswith(choice.message.content)
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+        assert entry.top_logprobs[1].logprob <= entry.logprob <= 0
+    plain = client.chat.completions.create(model="bio", messages=QUESTION, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+        ({"prompt": [[1, 2, 10**6]], "logprobs": 1, "echo": True}, "prompt"),
+        ({"prompt": "hi", "suffix": "bye"}, "suffix"),
+        ({"prompt": "hi", "best_of": 2}, "best_of"),
+        ({"prompt": "hi", "logprobs": 1, "stream": True}, "stream"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [[1, 2], "three"]}, "prompt"),
+        ({"prompt": [7] * 300, "max_tokens": 0, "echo": True, "logprobs": 1}, "prompt"),
+        ({"messages": QUESTION, "logprobs": True, "top_logprobs": 6}, "top_logprobs"),
+        ({"messages": QUESTION, "logprobs": True, "stream": True}, "stream"),
+    ],
+)
+def test_bad_logprob_requests_give_400_naming_the_param(server, body, param):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    reply = post(server, {"model": "base", **body}, path)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+    if len(body.get("prompt", [])) == 300:
+        assert error["code"] == "context_length_exceeded"
 
 
 # -- registry and promotion (no server) ------------------------------------------------

@@ -15,7 +15,8 @@ from typing import Any, Sequence, Union
 from selfspec.models.resolve import ModelNotFoundError, resolve_model
 
 Message = dict[str, str]
-Prompt = Union[str, list[Message]]
+# A prompt is text, a chat (a list of messages), or token ids (a list of ints, used as given).
+Prompt = Union[str, list[Message], list[int]]
 AdapterSpec = Union[None, str, Sequence[Union[str, None]]]
 
 BASE_ADAPTER = "__base__"
@@ -28,9 +29,16 @@ def render_plain(messages: list[Message]) -> str:
     return "\n\n".join(parts) + "\n\n### Response:\n"
 
 
+def is_token_ids(prompt: Prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Greedy when temperature is 0; `n` completions per prompt."""
+    """Greedy when temperature is 0; `n` completions per prompt. `max_new_tokens` 0 only scores
+    the prompt. `logprobs` (k): each generated token's log-probability and the k most likely
+    tokens at its position; `prompt_logprobs` (k): the same for the prompt's tokens (as vLLM).
+    Log-probabilities are the model's own, before temperature and top-p."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -38,6 +46,20 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token at one position (id, text) and its log-probability; `top`: the k most likely
+    tokens there, most likely first (as vLLM's Logprob with its rank). The first prompt token
+    has no log-probability (None)."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: tuple["TokenLogprob", ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +68,10 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    # With SamplingParams.logprobs: one entry per generated token (past a stop string too, as vLLM).
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token.
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -62,16 +88,30 @@ class ModelBackend(ABC):
     tokenizer: Any = None
 
     def render(self, prompt: Prompt) -> str:
-        """Plain strings pass through; message lists get the chat or plain template."""
+        """Plain strings pass through; message lists get the chat or plain template; token ids
+        are decoded."""
         if isinstance(prompt, str):
             return prompt
+        if is_token_ids(prompt):
+            return self.tokenizer.decode(list(prompt))
         if self.chat:
             return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         return render_plain(prompt)
 
+    def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids: token ids as given, anything else tokenized from `render`."""
+        if is_token_ids(prompt):
+            return list(prompt)
+        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+
     def count_tokens(self, prompt: Prompt) -> int:
         """Number of tokens the rendered prompt takes."""
-        return len(self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"])
+        return len(self.encode(prompt))
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids below this are valid prompt tokens."""
+        return len(self.tokenizer)
 
     @abstractmethod
     def generate(
@@ -153,6 +193,8 @@ __all__ = [
     "ModelNotFoundError",
     "Prompt",
     "SamplingParams",
+    "TokenLogprob",
+    "is_token_ids",
     "load_backend",
     "pick_backend",
     "resolve_model",

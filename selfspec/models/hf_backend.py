@@ -12,6 +12,9 @@ leave the batch and the cache, so the others no longer carry them. Greedy output
 those of `model.generate` with SDPA (fp32 test). Adapters are PEFT LoRA adapters on one shared base: a batch on one
 adapter runs with it folded into a copy of the weights it changes (`FoldedAdapter`); a
 batch that mixes adapters passes `adapter_names`, which PEFT applies row by row.
+Prompts may be token ids, used as given. Generated tokens' logprobs come from each step's
+logits; prompt logprobs (OpenAI's echo) from a prefill that keeps the logits at every position,
+so it prefills each row whole (no shared prefix) in batches bounded by `PROMPT_LOGITS_BUDGET`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from selfspec.models import (
     ModelBackend,
     Prompt,
     SamplingParams,
+    TokenLogprob,
 )
 from selfspec.models.resolve import resolve_model
 
@@ -261,6 +265,50 @@ def pick_next(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
 
 
+# Logits the prefill may hold for prompt logprobs (rows x prompt tokens x vocabulary), ~256 MB in fp32.
+PROMPT_LOGITS_BUDGET = 1 << 26
+
+# One position's (token id, logprob, top-k ids, top-k logprobs); TokenLogprob once texts are decoded.
+RawLogprob = tuple[int, float | None, list[int], list[float]]
+
+
+@dataclass
+class Decoded:
+    """A batch's generated ids per row, and per row its RawLogprobs when asked: one per
+    generated token (`logprobs`), one per prompt token (`prompt_logprobs`)."""
+
+    ids: list[list[int]]
+    logprobs: list[list[RawLogprob]] | None
+    prompt_logprobs: list[list[RawLogprob]] | None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[RawLogprob]:
+    """Per row of `logits` (rows x vocabulary): the log-probability of `tokens`' entry and the k
+    most likely tokens, from the model's distribution (before temperature and top-p)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    top = logprobs.topk(k, dim=-1)
+    return [
+        (token, lp, ids, lps)
+        for token, lp, ids, lps in zip(tokens.tolist(), chosen, top.indices.tolist(), top.values.tolist())
+    ]
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, k: int
+) -> list[list[RawLogprob]]:
+    """Each left-padded row's prompt tokens with their log-probabilities given the tokens before
+    (the first has none), from the prefill's logits at every position; one row at a time, so
+    only one row's fp32 copy exists at once."""
+    width = input_ids.shape[1]
+    rows = []
+    for logits_row, ids, length in zip(logits, input_ids, mask.sum(dim=1).tolist()):
+        first = width - length
+        scored = token_logprobs(logits_row[first : width - 1], ids[first + 1 :], k)
+        rows.append([(int(ids[first]), None, [], []), *scored])
+    return rows
+
+
 def foldable_layers(model: Any, adapter: str) -> list[Any] | None:
     """The PEFT LoRA layers `adapter` changes, or None when it cannot be folded into plain linear
     weights (DoRA and other variants, LoRA bias, fully trained or token-trained modules)."""
@@ -421,25 +469,31 @@ class TransformersBackend(ModelBackend):
 
     # -- generation ----------------------------------------------------------
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return self._pad(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+    def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """A left-padded batch (input_ids, attention_mask) of token id lists."""
+        width = max(map(len, ids))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=self.device)
+        return {"input_ids": input_ids, "attention_mask": mask}
 
     @torch.inference_mode()
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams, adapters: AdapterSpec = None
     ) -> list[list[Completion]]:
         names = self.per_prompt_adapters(adapters, len(prompts))
-        texts = [self.render(p) for p in prompts]
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        ids = [self.encode(p) for p in prompts]
         # One row per completion; rows of one adapter together (such a batch runs with the adapter
         # folded in), longest first within, so batches hold similar lengths.
         order = {name: k for k, name in enumerate(dict.fromkeys(names))}
-        rows = [(i, k) for i in range(len(texts)) for k in range(params.n)]
-        rows.sort(key=lambda row: (order[names[row[0]]], -lengths[row[0]]))
-        results: list[list[Completion | None]] = [[None] * params.n for _ in texts]
-        for start, chunk in self._chunks(rows, lengths, params.max_new_tokens):
+        rows = [(i, k) for i in range(len(ids)) for k in range(params.n)]
+        rows.sort(key=lambda row: (order[names[row[0]]], -len(ids[row[0]])))
+        results: list[list[Completion | None]] = [[None] * params.n for _ in ids]
+        for start, chunk in self._chunks(rows, [len(i) for i in ids], params):
             outputs = self._generate_batch(
-                [texts[i] for i, _ in chunk],
+                [ids[i] for i, _ in chunk],
                 [names[i] for i, _ in chunk],
                 params,
                 None if params.seed is None else params.seed + start,
@@ -448,76 +502,111 @@ class TransformersBackend(ModelBackend):
                 results[i][k] = out
         return results  # type: ignore[return-value]
 
-    def _chunks(self, rows: list[tuple[int, int]], lengths: list[int], max_new_tokens: int) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    def _chunks(
+        self, rows: list[tuple[int, int]], lengths: list[int], params: SamplingParams
+    ) -> Iterator[tuple[int, list[tuple[int, int]]]]:
         """(start, rows) batches of `rows` (sorted longest first within an adapter) of at most
-        max_batch_size rows and max_batch_tokens tokens, padding and new tokens included."""
+        max_batch_size rows and max_batch_tokens tokens (padding and new tokens included); with
+        prompt logprobs also at most PROMPT_LOGITS_BUDGET logits (rows x longest prompt x
+        vocabulary), which the prefill keeps."""
         start = 0
         while start < len(rows):
-            end, width = start, 0
+            end, longest = start, 0
             while end < len(rows) and end - start < self.max_batch_size:
-                width = max(width, lengths[rows[end][0]] + max_new_tokens)
-                if end > start and (end - start + 1) * width > self.max_batch_tokens:
+                longest = max(longest, lengths[rows[end][0]])
+                count = end - start + 1
+                too_many_tokens = count * (longest + params.max_new_tokens) > self.max_batch_tokens
+                too_many_logits = params.prompt_logprobs is not None and count * longest * self.vocab_size > PROMPT_LOGITS_BUDGET
+                if end > start and (too_many_tokens or too_many_logits):
                     break
                 end += 1
             yield start, rows[start:end]
             start = end
 
     def _generate_batch(
-        self, texts: list[str], names: list[str | None], params: SamplingParams, seed: int | None
+        self, ids: list[list[int]], names: list[str | None], params: SamplingParams, seed: int | None
     ) -> list[Completion]:
-        batch = self._encode(texts)
+        batch = self._pad(ids)
         if seed is not None:
             torch.manual_seed(seed)
-        generated = self._decode(batch, names, params)
-        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+        decoded = self._decode(batch, names, params)
         eos = self.tokenizer.eos_token_id
         completions = []
-        for row, n_prompt in zip(generated, prompt_tokens):
+        for r, (row, prompt) in enumerate(zip(decoded.ids, ids)):
             hit_eos = eos in row
             body = row[: row.index(eos)] if hit_eos else row
             text, hit_stop = cut_at_stop(self.tokenizer.decode(body, skip_special_tokens=True), params.stop)
             completions.append(
                 Completion(
                     text=text,
-                    prompt_tokens=int(n_prompt),
+                    prompt_tokens=len(prompt),
                     completion_tokens=len(row),
                     finish_reason="stop" if hit_eos or hit_stop else "length",
+                    logprobs=None if decoded.logprobs is None else self._token_logprobs(decoded.logprobs[r]),
+                    prompt_logprobs=(
+                        None if decoded.prompt_logprobs is None else self._token_logprobs(decoded.prompt_logprobs[r])
+                    ),
                 )
             )
         return completions
 
-    def _decode(self, batch: dict[str, torch.Tensor], names: list[str | None], params: SamplingParams) -> list[list[int]]:
+    def _token_logprobs(self, positions: list[RawLogprob]) -> tuple[TokenLogprob, ...]:
+        """TokenLogprobs, with each token's text, from (token id, logprob, top ids, top logprobs)."""
+        ids = sorted({t for token, _, top, _ in positions for t in (token, *top)})
+        text = dict(zip(ids, self.tokenizer.batch_decode([[t] for t in ids])))
+        return tuple(
+            TokenLogprob(
+                token, text[token], logprob,
+                tuple(TokenLogprob(t, text[t], lp) for t, lp in zip(top_ids, top_lps)),
+            )
+            for token, logprob, top_ids, top_lps in positions
+        )
+
+    def _decode(self, batch: dict[str, torch.Tensor], names: list[str | None], params: SamplingParams) -> Decoded:
         with self._weights_for(names) as peft_names:
             return self._decode_rows(batch, peft_names, params)
 
-    def _decode_rows(self, batch: dict[str, torch.Tensor], names: list[str | None] | None, params: SamplingParams) -> list[list[int]]:
+    def _decode_rows(self, batch: dict[str, torch.Tensor], names: list[str | None] | None, params: SamplingParams) -> Decoded:
         """Generated token ids per row, ending with eos, with the token that completes a stop
-        string, or at max_new_tokens. Every `decode_segment` tokens, rows that ended leave the
-        batch and the KV cache (a third of the slots at batch 128 on short answers). `names`:
-        the adapter per row for PEFT, None for a plain forward."""
+        string, or at max_new_tokens; their logprobs and the prompt's when `params` asks.
+        Every `decode_segment` tokens, rows that ended leave the batch and the KV cache (a third
+        of the slots at batch 128 on short answers). `names`: the adapter per row for PEFT, None
+        for a plain forward."""
         mask = batch["attention_mask"]
         inputs = batch["input_ids"]
+        generated: list[list[int]] = [[] for _ in inputs]
+        scored = params.prompt_logprobs is not None
+        decoded = Decoded(generated, None if params.logprobs is None else [[] for _ in inputs], None)
+        if not params.max_new_tokens and not scored:
+            return decoded
         cache = decode_cache(self.model.config)
         one_model = names is None or len(set(names)) == 1
-        if len(inputs) > 1 and one_model and prefix_fits(cache, inputs.shape[1] + params.max_new_tokens):
+        # The shared prefix is prefilled without logits, so prompt logprobs prefill every token per row.
+        if len(inputs) > 1 and one_model and not scored and prefix_fits(cache, inputs.shape[1] + params.max_new_tokens):
             inputs, mask = self._prefill_shared_prefix(inputs, mask, cache, names)
         # Left padding: positions count real tokens only.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
         live = list(range(len(inputs)))
-        generated: list[list[int]] = [[] for _ in live]
-        for step in range(params.max_new_tokens):
+        for step in range(max(params.max_new_tokens, 1)):  # max_new_tokens 0: the prefill alone
             logits = self.model(
                 input_ids=inputs,
                 attention_mask=mask,
                 position_ids=positions,
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if scored and step == 0 else 1,  # 0: at every position
                 **self._adapter_kwargs(names, live),
-            ).logits[:, -1]
-            picked = pick_next(logits, params)
+            ).logits
+            if scored and step == 0:
+                decoded.prompt_logprobs = prompt_logprobs(logits, inputs, mask, params.prompt_logprobs)
+            if not params.max_new_tokens:
+                break
+            picked = pick_next(logits[:, -1], params)
             for r, token in zip(live, picked.tolist()):
                 generated[r].append(token)
+            if decoded.logprobs is not None:
+                for r, position in zip(live, token_logprobs(logits[:, -1], picked, params.logprobs)):
+                    decoded.logprobs[r].append(position)
             inputs, positions = picked[:, None], positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(inputs)], dim=1)
             if (step + 1) % self.decode_segment and step + 1 < params.max_new_tokens:
@@ -532,7 +621,10 @@ class TransformersBackend(ModelBackend):
             cache.batch_select_indices(index)  # merges the tails too
             inputs, positions, mask = inputs[index], positions[index], mask[index]
             live = [live[j] for j in keep]
-        return generated
+        if decoded.logprobs is not None:  # _end_row cut the ids after each row's end
+            for row, positions_of_row in zip(generated, decoded.logprobs):
+                del positions_of_row[len(row) :]
+        return decoded
 
     def _prefill_shared_prefix(
         self, inputs: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, names: list[str | None] | None

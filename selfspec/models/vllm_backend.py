@@ -1,4 +1,5 @@
-"""The vLLM engine (GPU): continuous batching, LoRA adapters through `LoRARequest`.
+"""The vLLM engine (GPU): continuous batching, LoRA adapters through `LoRARequest`, logprobs
+and prompt logprobs from vLLM's own.
 
 Imported only when configuration picks vllm, so the CPU path never needs it.
 """
@@ -8,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from selfspec.models import AdapterSpec, Completion, ModelBackend, Prompt, SamplingParams
+from selfspec.models import (
+    AdapterSpec,
+    Completion,
+    ModelBackend,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+    is_token_ids,
+)
 from selfspec.models.resolve import resolve_model
 
 
@@ -59,29 +68,51 @@ class VLLMBackend(ModelBackend):
             n=params.n,
             temperature=params.temperature,
             top_p=params.top_p if params.temperature > 0 else 1.0,
-            max_tokens=params.max_new_tokens,
+            # vLLM generates at least one token; with max_new_tokens 0 it is dropped (as vLLM's echo does).
+            max_tokens=max(params.max_new_tokens, 1),
             stop=list(params.stop) or None,
             seed=params.seed,
+            logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
         )
-        texts = [self.render(p) for p in prompts]
-        outputs = self.llm.generate(
-            [{"prompt": t} for t in texts],
-            sampling,
-            lora_request=[self._lora(n) for n in names],
-            use_tqdm=False,
+        inputs = [{"prompt_token_ids": list(p)} if is_token_ids(p) else {"prompt": self.render(p)} for p in prompts]
+        outputs = self.llm.generate(inputs, sampling, lora_request=[self._lora(n) for n in names], use_tqdm=False)
+        return [[self._completion(out, o, params) for o in out.outputs] for out in outputs]
+
+    def _completion(self, out: Any, o: Any, params: SamplingParams) -> Completion:
+        """A Completion from vLLM's RequestOutput `out` and its CompletionOutput `o`."""
+        generated = list(o.token_ids)[: params.max_new_tokens]
+        prompt_ids = list(out.prompt_token_ids)
+        scored = params.prompt_logprobs is not None
+        return Completion(
+            text=o.text if params.max_new_tokens else "",
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(generated),
+            finish_reason="length" if o.finish_reason == "length" or not params.max_new_tokens else "stop",
+            logprobs=None if params.logprobs is None else self._logprobs(generated, o.logprobs, params.logprobs),
+            prompt_logprobs=self._logprobs(prompt_ids, out.prompt_logprobs, params.prompt_logprobs) if scored else None,
         )
-        return [
-            [
-                Completion(
-                    text=o.text,
-                    prompt_tokens=len(out.prompt_token_ids),
-                    completion_tokens=len(o.token_ids),
-                    finish_reason="length" if o.finish_reason == "length" else "stop",
+
+    def _logprobs(self, ids: list[int], positions: list[Any], k: int) -> tuple[TokenLogprob, ...]:
+        """TokenLogprobs from vLLM's per-position {token id: Logprob} (None for the first prompt
+        token); the top k are the entries of rank 1..k."""
+        entries = []
+        for token, position in zip(ids, positions):
+            if position is None:
+                entries.append(TokenLogprob(token, self.tokenizer.decode([token]), None))
+                continue
+            ranked = [(t, lp) for t, lp in position.items() if lp.rank is not None and lp.rank <= k]
+            top = sorted(ranked, key=lambda item: item[1].rank)
+            entries.append(
+                TokenLogprob(
+                    token, self._text(token, position[token]), position[token].logprob,
+                    tuple(TokenLogprob(t, self._text(t, lp), lp.logprob) for t, lp in top),
                 )
-                for o in out.outputs
-            ]
-            for out in outputs
-        ]
+            )
+        return tuple(entries)
+
+    def _text(self, token: int, logprob: Any) -> str:
+        return logprob.decoded_token if logprob.decoded_token is not None else self.tokenizer.decode([token])
 
     def loglikelihood(
         self, requests: Sequence[tuple[Prompt, str]], adapters: AdapterSpec = None

@@ -15,7 +15,10 @@ The application is two Ray Serve deployments:
   (PEFT `adapter_names`) and the vLLM backend uses its LoRA batching.
 
 Streaming sends the finished completion as server-sent events in word-sized chunks
-(the backend interface returns whole completions), with OpenAI's chunk format.
+(the backend interface returns whole completions), with OpenAI's chunk format; a streamed
+request cannot ask for logprobs. Completions take token-id prompts, logprobs and echo as
+vLLM's OpenAI server does (see `protocol`), so lm-evaluation-harness's `local-completions`
+model can score and generate through the server.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
@@ -37,7 +40,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfspec.config import ModelConfig, RunConfig, ServeConfig, load_config
-from selfspec.models import Completion, Prompt, SamplingParams
+from selfspec.models import Completion, Prompt, SamplingParams, is_token_ids
 from selfspec.serving.protocol import (
     APIError,
     ChatRequest,
@@ -190,29 +193,43 @@ class AdapterModel:
         return AdapterLease(self.pool, name)
 
     def check_prompts(self, prompts: list[Prompt]) -> dict[str, Any] | None:
+        """OpenAI's error body for the first prompt that is empty, too long or holds a token id
+        outside the vocabulary; None when all are fine."""
+        backend = self.pool.backend
         limit = self.limits.max_prompt_tokens
         for prompt in prompts:
-            tokens = self.pool.backend.count_tokens(prompt)
+            param = "messages" if isinstance(prompt, list) and not is_token_ids(prompt) else "prompt"
+            if is_token_ids(prompt) and max(prompt) >= backend.vocab_size:
+                return APIError(
+                    400, f"token id {max(prompt)} is out of the vocabulary (0 to {backend.vocab_size - 1})", param=param
+                ).body()
+            tokens = backend.count_tokens(prompt)
+            if tokens == 0:
+                return APIError(400, "the prompt is empty", param=param).body()
             if tokens > limit:
                 return APIError(
                     400, f"the prompt is {tokens} tokens; this server allows at most {limit}",
-                    param="messages" if isinstance(prompt, list) else "prompt", code="context_length_exceeded",
+                    param=param, code="context_length_exceeded",
                 ).body()
         return None
 
-    async def generate(self, prompts: list[Prompt], params: SamplingParams, adapter_path: str | None) -> dict[str, Any]:
-        """`{"completions": [[Completion] per prompt]}` or `{"error": OpenAI error body, "status"}`."""
+    async def generate(
+        self, prompts: list[Prompt], params: SamplingParams, adapter_path: str | None, echo: bool = False
+    ) -> dict[str, Any]:
+        """`{"completions": [[Completion] per prompt]}`, with `"echoes"` (each prompt as text) when
+        `echo`; or `{"error": OpenAI error body, "status"}`."""
         error = self.check_prompts(prompts)
         if error:
             return {"status": 400, **error}
+        echoes = {"echoes": [self.pool.backend.render(p) for p in prompts]} if echo else {}
         name = serve.get_multiplexed_model_id() or None
         if name is None:
-            return {"completions": await self._in_shared_batch(BatchItem(tuple(prompts), params, None))}
+            return {"completions": await self._in_shared_batch(BatchItem(tuple(prompts), params, None)), **echoes}
         self.paths[name] = adapter_path
         self.pool.acquire(name)
         try:
             await self.get_adapter(name)
-            return {"completions": await self._in_shared_batch(BatchItem(tuple(prompts), params, name))}
+            return {"completions": await self._in_shared_batch(BatchItem(tuple(prompts), params, name)), **echoes}
         finally:
             await asyncio.to_thread(self.pool.release, name)
 
@@ -329,7 +346,8 @@ class OpenAIIngress:
             raise APIError(404, str(exc), param="model", code="model_not_found") from None
         return adapter.name, adapter.path
 
-    async def complete(self, request: Request, kind, default_max_tokens: int, respond) -> Any:
+    async def run(self, request: Request, kind, default_max_tokens: int) -> tuple[Any, str, dict[str, Any]]:
+        """Check and run one request: (the parsed request, the served model name, the replica's result)."""
         self.authorize(request)
         parsed = parse_request(kind, await read_body(request, self.limits.max_body_bytes))
         params = sampling_params(parsed, self.limits, default_max_tokens)
@@ -338,10 +356,12 @@ class OpenAIIngress:
             raise APIError(400, f"at most {self.limits.max_batch_size} completions per request", param="prompt")
         name, path = self.adapter_for(parsed.model)
         handle = self.model.options(multiplexed_model_id=name) if path else self.model
-        result = await handle.generate.remote(prompts, params, path)
+        result = await handle.generate.remote(prompts, params, path, getattr(parsed, "echo", False))
         if "error" in result:
             raise APIError(result["status"], **result["error"])
-        response = respond(name, result["completions"])
+        return parsed, name, result
+
+    def reply(self, parsed, response: dict[str, Any]) -> Any:
         if not parsed.stream:
             return response
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
@@ -349,11 +369,13 @@ class OpenAIIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self.complete(request, ChatRequest, self.limits.default_max_tokens, chat_response)
+        parsed, name, result = await self.run(request, ChatRequest, self.limits.default_max_tokens)
+        return self.reply(parsed, chat_response(name, result["completions"]))
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self.complete(request, CompletionRequest, COMPLETIONS_DEFAULT_MAX_TOKENS, completion_response)
+        parsed, name, result = await self.run(request, CompletionRequest, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        return self.reply(parsed, completion_response(name, result["completions"], result.get("echoes")))
 
     @api.get("/v1/models")
     async def models(self, request: Request):
