@@ -12,11 +12,11 @@ two runs' log-likelihoods of a choice (they should agree to ~1e-3 in fp32).
 
 lm-eval lives in its own virtual environment (it pins its own packages), for example:
 
-    python3.11 -m venv /tmp/lmeval-venv
-    /tmp/lmeval-venv/bin/pip install torch==2.13.0 && /tmp/lmeval-venv/bin/pip install "lm-eval[hf,api]"
+    python3.11 -m venv .lmeval-venv
+    .lmeval-venv/bin/pip install torch==2.13.0 && .lmeval-venv/bin/pip install "lm-eval[hf,api]"
 
     python benchmarks/lm_eval_pubmedqa.py [--rows 100] [--adapter runs/x/adapters/bio] \\
-        [--lm-eval-python /tmp/lmeval-venv/bin/python] [--out DIR]
+        [--lm-eval-python .lmeval-venv/bin/python] [--out DIR]
 
 Cost on 2 CPU cores: 3 choices x N rows of ~300-token prompts, twice (a few minutes per 100 rows).
 """
@@ -143,7 +143,7 @@ def main() -> int:
     parser.add_argument("--adapter", help="a PEFT adapter directory; evaluated on both sides instead of the base")
     parser.add_argument("--dtype", default="float32", help="both sides; fp32 makes their log-likelihoods comparable")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lm-eval-python", default="/tmp/lmeval-venv/bin/python")
+    parser.add_argument("--lm-eval-python", default=os.environ.get("LM_EVAL_PYTHON", ".lmeval-venv/bin/python"))
     parser.add_argument("--task-dir", default=str(TASK_DIR))
     parser.add_argument("--out", help="where the task, lm-eval outputs and runs go (default: a temporary folder)")
     args = parser.parse_args()
