@@ -396,7 +396,7 @@ class TransformersBackend(ModelBackend):
             tokenizer=tokenizer,
             device=device,
             max_batch_size=config.max_batch_size,
-            max_batch_tokens=getattr(config, "max_batch_tokens", 16384),
+            max_batch_tokens=config.max_batch_tokens,
             merge_single_adapter=config.merge_single_adapter,
         )
 

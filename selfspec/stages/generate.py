@@ -70,10 +70,10 @@ def write_instructions(backend, rows: list[dict[str, Any]], params: SamplingPara
 
 def write_responses(backend, rows: list[dict[str, Any]], params: SamplingParams, adapter: str | None) -> list[dict[str, Any]]:
     """Answer rows; a row's own `max_new_tokens` (its task type's budget) overrides params'."""
-    budgets = sorted({r.get("max_new_tokens") or params.max_new_tokens for r in rows})
+    budgets = [r.get("max_new_tokens") or params.max_new_tokens for r in rows]
     completions: list[Any] = [None] * len(rows)
-    for budget in budgets:
-        index = [i for i, r in enumerate(rows) if (r.get("max_new_tokens") or params.max_new_tokens) == budget]
+    for budget in sorted(set(budgets)):
+        index = [i for i, b in enumerate(budgets) if b == budget]
         outputs = backend.generate([rows[i]["messages"] for i in index], replace(params, max_new_tokens=budget), adapters=adapter)
         for i, c in zip(index, outputs):
             completions[i] = c

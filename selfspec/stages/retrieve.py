@@ -321,23 +321,22 @@ class PromptGrounder:
         self.passage_as_input = passage_as_input
         self.context_passages = context_passages or top_k
         self.excluded = excluded  # e.g. passages that share n-grams with an evaluation task
-        self.excluded_ids: set[str] = set()
         self.given: set[tuple[str, str]] = set()  # (passage id, task type) already used as an input
         self._verdicts: dict[str, bool] = {}
 
+    @property
+    def excluded_ids(self) -> set[str]:
+        """Passages met in searches so far that `excluded` kept out."""
+        return {i for i, out in self._verdicts.items() if out}
+
     def allowed(self, hits: list[Hit]) -> list[Hit]:
-        """The top k hits that `excluded` lets through; excluded ones are remembered."""
+        """The top k hits that `excluded` lets through; each verdict is computed once."""
         if self.excluded is None:
             return hits[: self.top_k]
-        kept = []
         for hit in hits:
             if hit["id"] not in self._verdicts:
                 self._verdicts[hit["id"]] = self.excluded(hit)
-            if self._verdicts[hit["id"]]:
-                self.excluded_ids.add(hit["id"])
-            else:
-                kept.append(hit)
-        return kept[: self.top_k]
+        return [h for h in hits if not self._verdicts[h["id"]]][: self.top_k]
 
     @classmethod
     def from_config(cls, config: RunConfig, run_dir: RunDir, executor: str | None = None) -> "PromptGrounder":
