@@ -77,6 +77,10 @@ class GenerateConfig(StageConfig):
     max_rounds: int = Field(20, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.98, gt=0, le=1)
+    # Instructions written for a given passage (retrieval.passage_as_input) are sampled at this
+    # temperature (null: `temperature`). The passage already makes each task new; a cooler
+    # sample keeps the instruction a task the seeds would recognise.
+    given_input_temperature: float | None = Field(None, ge=0)
     instruction_max_new_tokens: int = Field(200, ge=8)
     instructions_per_prompt: int = Field(1, ge=1)
     response_demos: int = Field(5, ge=0)

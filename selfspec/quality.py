@@ -180,15 +180,25 @@ def select_task_mix(rows: list[dict[str, Any]], target: int, profiles: dict[str,
     return [rows[i] for i in sorted(chosen)]
 
 
-def task_draws(profiles: dict[str, TaskProfile], count: int, rng) -> list[str]:
-    """`count` task types in proportion to their seed shares (largest remainders), shuffled."""
-    exact = {t: p.share * count for t, p in profiles.items()}
+def task_draws(profiles: dict[str, TaskProfile], count: int, rng, weights: dict[str, float] | None = None) -> list[str]:
+    """`count` task types in proportion to their seed shares, or to `weights` when given
+    (largest remainders), shuffled."""
+    weights = weights if weights and sum(weights.values()) > 0 else {t: p.share for t, p in profiles.items()}
+    total = sum(weights.values())
+    exact = {t: weights.get(t, 0.0) / total * count for t in profiles}
     draws = {t: math.floor(x) for t, x in exact.items()}
     for t in sorted(exact, key=lambda t: draws[t] - exact[t])[: count - sum(draws.values())]:
         draws[t] += 1
     out = [t for t, n in draws.items() for _ in range(n)]
     rng.shuffle(out)
     return out
+
+
+def task_deficits(rows: list[dict[str, Any]], target: int, profiles: dict[str, TaskProfile]) -> dict[str, float]:
+    """Rows each task type still lacks for its seed share of `target`: later rounds draw
+    types in these proportions, so a type the model rarely completes gets more prompts."""
+    have = Counter(row.get("task", "") for row in rows)
+    return {t: max(p.share * target - have[t], 0.0) for t, p in profiles.items()}
 
 
 def fit_passage(text: str, max_words: int) -> str:

@@ -16,6 +16,7 @@ from selfspec.quality import (
     label_caps,
     majority_label,
     select_task_mix,
+    task_deficits,
     task_draws,
     task_profiles,
 )
@@ -98,6 +99,19 @@ def test_task_mix_and_draws_follow_the_seeds():
     assert Counter(r["task"] for r in picked) == {"yes_no_qa": 8, "open_qa": 4}
     short = select_task_mix(rows, 33, profiles)  # open_qa has only 5: the rest fills up
     assert len(short) == 33 and Counter(r["task"] for r in short)["open_qa"] == 5
+
+
+def test_later_rounds_draw_the_task_types_still_short_of_their_share():
+    profiles = task_profiles(SEEDS)  # yes_no_qa 2/3, open_qa 1/3 of the seeds
+    made = [{"task": "yes_no_qa"}] * 20 + [{"task": "open_qa"}] * 2
+    deficits = task_deficits(made, 30, profiles)
+    assert deficits == {"yes_no_qa": 0.0, "open_qa": 8.0}
+    assert Counter(task_draws(profiles, 12, random.Random(0), deficits)) == {"open_qa": 12}
+    rows = make_prompt_rows(SEEDS, "biomedical", "Biomedicine.", 12, 2, seed=0, round=2, task_weights=deficits)
+    assert {r["task"] for r in rows} == {"open_qa"}
+    # Every type at its share: back to the seeds' proportions.
+    met = task_deficits([{"task": "yes_no_qa"}] * 20 + [{"task": "open_qa"}] * 10, 30, profiles)
+    assert Counter(task_draws(profiles, 30, random.Random(0), met)) == {"yes_no_qa": 20, "open_qa": 10}
 
 
 def test_prompts_draw_demos_of_one_task_type():

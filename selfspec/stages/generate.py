@@ -43,6 +43,7 @@ from selfspec.quality import (
     off_form,
     response_budget,
     select_task_mix,
+    task_deficits,
     task_profiles,
     task_text,
 )
@@ -206,15 +207,17 @@ def run_round(
     config_hash: str,
     retriever=None,
     relevance: DomainRelevance | None = None,
+    task_weights: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Generate, filter and answer one round; returns the shard's rows and counts."""
+    """Generate, filter and answer one round; returns the shard's rows and counts.
+    `task_weights`: draw prompt task types in these proportions, not the seeds'."""
     gen = config.generate
     adapter = ADAPTER_NAME if gen.adapter else None
     adapters = {ADAPTER_NAME: gen.adapter} if gen.adapter else None
     profiles = task_profiles(seeds.seeds)
     started = time.perf_counter()
     prompts = make_prompt_rows(
-        seeds.seeds, seeds.domain, seeds.description, num_prompts, gen.num_demos, gen.seed, round, gen.demos_by_task
+        seeds.seeds, seeds.domain, seeds.description, num_prompts, gen.num_demos, gen.seed, round, gen.demos_by_task, task_weights
     )
     if retriever is not None:
         prompts = retriever.ground(prompts, seeds)
@@ -228,7 +231,8 @@ def run_round(
         seed=gen.seed,
     )
     # An instruction for a given passage is one line: stop at its end, not at the token limit.
-    one_line = replace(params, stop=("\n",))
+    given_temperature = gen.temperature if gen.given_input_temperature is None else gen.given_input_temperature
+    one_line = replace(params, stop=("\n",), temperature=given_temperature)
     raw = []
     for rows, row_params in (([p for p in prompts if not p["given_input"]], params), ([p for p in prompts if p["given_input"]], one_line)):
         if rows:
@@ -381,7 +385,8 @@ def run_generate(
             print(f"stopped after generate.max_rounds={gen.max_rounds} rounds with {counted}/{target} examples")
             break
         num_prompts = prompts_for_round(gen, target - counted, manifest["shards"], counted)
-        result = run_round(config, seeds, round, num_prompts, dedup, executor, config_hash, retriever, relevance)
+        weights = task_deficits(usable(done), target, profiles) if done else None
+        result = run_round(config, seeds, round, num_prompts, dedup, executor, config_hash, retriever, relevance, weights)
         shard_file = f"shards/round-{round:04d}.parquet"
         examples = result.pop("examples")
         write_parquet(data(shard_file), examples, schema=example_schema())

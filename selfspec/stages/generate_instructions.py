@@ -65,18 +65,19 @@ def build_prompt(
 
 def make_prompt_rows(
     seeds: list[Seed], domain: str, description: str, count: int, num_demos: int, seed: int, round: int,
-    by_task: bool = True,
+    by_task: bool = True, task_weights: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Deterministic prompts for one round: the same (seed, round) gives the same rows.
 
     `by_task`: each prompt's demos share one seed task type (`task` of the row), types
-    drawn in proportion to the seeds'; otherwise demos mix types and `task` is ""."""
+    drawn in proportion to the seeds' (or to `task_weights`); otherwise demos mix types
+    and `task` is ""."""
     from selfspec.quality import task_draws, task_profiles
 
     by_type: dict[str, list[Seed]] = {}
     for s in seeds:
         by_type.setdefault(s["task"], []).append(s)
-    tasks = task_draws(task_profiles(seeds), count, random.Random(f"{seed}:{round}:tasks")) if by_task else [""] * count
+    tasks = task_draws(task_profiles(seeds), count, random.Random(f"{seed}:{round}:tasks"), task_weights) if by_task else [""] * count
     rows = []
     for index, task in enumerate(tasks):
         rng = random.Random(f"{seed}:{round}:{index}")
