@@ -8,6 +8,7 @@ runs in-process with `executor="local"`, so Ray adds scheduling and nothing else
 from __future__ import annotations
 
 import math
+import pickle
 from typing import Any, Callable
 
 from selfspec.config import ModelConfig
@@ -41,35 +42,17 @@ class ModelWorker:
         self.fn = fn
         self.node_id = _node_id()
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        rows = _batch_to_rows(batch)
+    def run(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = self.fn(self.backend, rows)
         for row in out:
             row["node_id"] = self.node_id
-        return _rows_to_batch(out)
+        return out
 
-
-def _batch_to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
-    keys = list(batch)
-    n = len(batch[keys[0]]) if keys else 0
-    return [{k: _plain(batch[k][i]) for k in keys} for i in range(n)]
-
-
-def _plain(value: Any) -> Any:
-    """Arrow/numpy values back to Python lists and scalars."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _rows_to_batch(rows: list[dict[str, Any]]) -> dict[str, list]:
-    if not rows:
-        return {}
-    return {k: [r.get(k) for r in rows] for k in rows[0]}
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        """Ray Data: each item is one whole batch of rows, pickled, so the model gets exactly
+        the batch the caller cut (Ray's blocks never split or merge it) and rows come back as
+        the same Python objects (Arrow never coerces their nested types)."""
+        return {"rows": [pickle.dumps(self.run(pickle.loads(packed))) for packed in batch["rows"]]}
 
 
 def map_with_model(
@@ -92,33 +75,32 @@ def map_with_model(
     if not rows:
         return []
     threads = max(1, math.floor(num_cpus)) if not num_gpus else None
+    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    out: list[dict[str, Any]] = []
     if executor == "local":
         worker = ModelWorker(model.model_dump(), fn, adapters, threads)
-        out: list[dict[str, Any]] = []
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            out.extend(_batch_to_rows(worker(_rows_to_batch(batch))))
+        for batch in batches:
+            out.extend(worker.run(batch))
             if progress:
                 progress(len(batch))
         return out
 
     import ray
 
-    # Messages and lists travel as Python objects; Arrow would coerce nested types.
-    dataset = ray.data.from_items(rows)
+    dataset = ray.data.from_items([{"rows": pickle.dumps(batch)} for batch in batches])
     mapped = dataset.map_batches(
         ModelWorker,
         fn_constructor_kwargs={"model": model.model_dump(), "fn": fn, "adapters": adapters, "num_threads": threads},
-        batch_size=batch_size,
+        batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=replicas),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
     )
-    out = []
-    for batch in mapped.iter_batches(batch_size=None, batch_format="default"):
-        new = _batch_to_rows(batch)
-        out.extend(new)
-        if progress:
-            progress(len(new))
+    for result in mapped.iter_batches(batch_size=None, batch_format="default"):
+        for packed in result["rows"]:
+            new = pickle.loads(packed)
+            out.extend(new)
+            if progress:
+                progress(len(new))
     return out
 
