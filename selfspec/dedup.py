@@ -128,3 +128,42 @@ class RougeDeduper:
         if kept_idx:
             self._matrix = _matrix(self._rows)
         return results
+
+
+class InputScopedDeduper:
+    """Near-duplicates among tasks over given inputs (real passages): two tasks collide
+    when they share the input and their instructions have ROUGE-L above the threshold.
+
+    The global filter would compare instruction + passage, where the passage dominates:
+    a disease-NER task and a summary of one abstract looked like duplicates, and one
+    instruction over two abstracts (the same task on a new instance) would not be told
+    apart from a copy."""
+
+    def __init__(self, threshold: float = 0.7):
+        self.threshold = threshold
+        self.by_input: dict[str, RougeDeduper] = {}
+
+    def _deduper(self, input: str) -> RougeDeduper:
+        key = " ".join(input.lower().split())
+        if key not in self.by_input:
+            self.by_input[key] = RougeDeduper(self.threshold)
+        return self.by_input[key]
+
+    def add(self, tasks: list[tuple[str, str]]) -> None:
+        """Add (instruction, input) pairs without checking them."""
+        for instruction, input in tasks:
+            self._deduper(input).add([instruction])
+
+    def filter(self, tasks: list[tuple[str, str]]) -> list[tuple[bool, float]]:
+        """(kept, max ROUGE-L with an earlier instruction over the same input) per pair, in order."""
+        groups: dict[int, list[int]] = {}
+        dedupers: dict[int, RougeDeduper] = {}
+        for i, (_, input) in enumerate(tasks):
+            deduper = self._deduper(input)
+            groups.setdefault(id(deduper), []).append(i)
+            dedupers[id(deduper)] = deduper
+        results: list[tuple[bool, float]] = [(False, 0.0)] * len(tasks)
+        for key, indices in groups.items():
+            for i, result in zip(indices, dedupers[key].filter([tasks[i][0] for i in indices])):
+                results[i] = result
+        return results

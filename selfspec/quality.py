@@ -194,11 +194,14 @@ def task_draws(profiles: dict[str, TaskProfile], count: int, rng, weights: dict[
     return out
 
 
-def task_deficits(rows: list[dict[str, Any]], target: int, profiles: dict[str, TaskProfile]) -> dict[str, float]:
-    """Rows each task type still lacks for its seed share of `target`: later rounds draw
-    types in these proportions, so a type the model rarely completes gets more prompts."""
+def round_task_weights(rows: list[dict[str, Any]], target: int, profiles: dict[str, TaskProfile]) -> dict[str, float]:
+    """Task-type weights for a round's prompts: half follow the seeds' shares, half go to
+    the types still short of their seed share of `target` (by how short), so a type the
+    model rarely completes gets more prompts without starving the round's yield."""
     have = Counter(row.get("task", "") for row in rows)
-    return {t: max(p.share * target - have[t], 0.0) for t, p in profiles.items()}
+    deficits = {t: max(p.share * target - have[t], 0.0) for t, p in profiles.items()}
+    total = sum(deficits.values())
+    return {t: 0.5 * p.share + 0.5 * (deficits[t] / total if total else p.share) for t, p in profiles.items()}
 
 
 def fit_passage(text: str, max_words: int) -> str:

@@ -204,3 +204,20 @@ def test_first_round_is_sized_by_the_expected_yield_then_by_the_measured_one():
     assert prompts_for_round(gen, 1, shards) == gen.batch_size * gen.replicas  # never below one batch per replica
     # Rows removed as contaminated or for balance do not count: the yield is what counts.
     assert prompts_for_round(gen, 10, shards, made=40) == 28  # 10 / 0.4 * 1.1
+
+
+def test_tasks_over_given_passages_collide_only_on_the_same_passage():
+    from selfspec.dedup import InputScopedDeduper
+
+    ner = "List every disease mentioned in the abstract, separated by semicolons."
+    first = "Hereditary hemochromatosis is an iron overload disorder caused by HFE mutations."
+    second = "Wilson disease is an autosomal recessive disorder of copper accumulation in the liver."
+    dedup = InputScopedDeduper(0.7)
+    dedup.add([(ner, first)])
+    verdicts = [keep for keep, _ in dedup.filter([
+        (ner, second),  # the same task on a new passage: a new instance
+        ("Summarize the findings of the abstract in one sentence.", first),  # another task, same passage
+        ("List every disease mentioned in this abstract, separated by semicolons.", first),  # a copy
+        ("Summarize the findings of this abstract in one sentence.", first),  # a copy of one kept just now
+    ])]
+    assert verdicts == [True, True, False, False]

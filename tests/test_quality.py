@@ -16,7 +16,7 @@ from selfspec.quality import (
     label_caps,
     majority_label,
     select_task_mix,
-    task_deficits,
+    round_task_weights,
     task_draws,
     task_profiles,
 )
@@ -101,16 +101,16 @@ def test_task_mix_and_draws_follow_the_seeds():
     assert len(short) == 33 and Counter(r["task"] for r in short)["open_qa"] == 5
 
 
-def test_later_rounds_draw_the_task_types_still_short_of_their_share():
+def test_later_rounds_draw_more_of_the_task_types_short_of_their_share():
     profiles = task_profiles(SEEDS)  # yes_no_qa 2/3, open_qa 1/3 of the seeds
     made = [{"task": "yes_no_qa"}] * 20 + [{"task": "open_qa"}] * 2
-    deficits = task_deficits(made, 30, profiles)
-    assert deficits == {"yes_no_qa": 0.0, "open_qa": 8.0}
-    assert Counter(task_draws(profiles, 12, random.Random(0), deficits)) == {"open_qa": 12}
-    rows = make_prompt_rows(SEEDS, "biomedical", "Biomedicine.", 12, 2, seed=0, round=2, task_weights=deficits)
-    assert {r["task"] for r in rows} == {"open_qa"}
+    weights = round_task_weights(made, 30, profiles)  # only open_qa is short
+    assert weights == pytest.approx({"yes_no_qa": 1 / 3, "open_qa": 2 / 3})
+    assert Counter(task_draws(profiles, 12, random.Random(0), weights)) == {"yes_no_qa": 4, "open_qa": 8}
+    rows = make_prompt_rows(SEEDS, "biomedical", "Biomedicine.", 12, 2, seed=0, round=2, task_weights=weights)
+    assert Counter(r["task"] for r in rows) == {"yes_no_qa": 4, "open_qa": 8}
     # Every type at its share: back to the seeds' proportions.
-    met = task_deficits([{"task": "yes_no_qa"}] * 20 + [{"task": "open_qa"}] * 10, 30, profiles)
+    met = round_task_weights([{"task": "yes_no_qa"}] * 20 + [{"task": "open_qa"}] * 10, 30, profiles)
     assert Counter(task_draws(profiles, 30, random.Random(0), met)) == {"yes_no_qa": 20, "open_qa": 10}
 
 

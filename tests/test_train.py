@@ -296,6 +296,24 @@ def test_explicit_resume_continues_a_failed_run(tmp_path, ray_local):
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
 
 
+def test_output_layer_on_loss_positions_only_equals_the_full_forward(tokenizer, monkeypatch):
+    cfg = TrainConfig(max_seq_len=64, batch_size=4, max_steps=1, dropout=0.0)
+    model, tok = T.load_lora_model(MODEL, cfg, CPU, None)
+    assert T.loss_positions_head(model) is not None
+    records, _ = T.tokenize_examples(make_examples(4), tok, "chat", cfg.max_seq_len)
+    batch = T.collate(records, tok.pad_token_id)
+    results = []
+    for head in (T.loss_positions_head, lambda model: None):
+        monkeypatch.setattr(T, "loss_positions_head", head)
+        model.zero_grad(set_to_none=True)
+        loss = T.response_loss_sum(model, batch, None)
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+    (fast, fast_grad), (full, full_grad) = results
+    assert fast == pytest.approx(full, rel=1e-5)
+    assert torch.allclose(fast_grad, full_grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_bf16_loss_and_gradients_track_fp32(tokenizer):
     """Same data, same init: bf16 autocast gives fp32's first loss (within 1%) and gradient

@@ -18,7 +18,7 @@ from typing import Any
 
 from selfspec.config import ConfigError, RunConfig, dump_config
 from selfspec.data_profile import profile
-from selfspec.dedup import RougeDeduper
+from selfspec.dedup import InputScopedDeduper, RougeDeduper
 from selfspec.execution import map_with_model
 from selfspec.io import (
     RunDir,
@@ -43,7 +43,7 @@ from selfspec.quality import (
     off_form,
     response_budget,
     select_task_mix,
-    task_deficits,
+    round_task_weights,
     task_profiles,
     task_text,
 )
@@ -203,6 +203,7 @@ def run_round(
     round: int,
     num_prompts: int,
     dedup: RougeDeduper,
+    grounded_dedup: InputScopedDeduper,
     executor: str,
     config_hash: str,
     retriever=None,
@@ -246,8 +247,18 @@ def run_round(
         on_domain = [i for i, score in zip(items, scores) if score >= relevance.threshold]
         drops["off_domain"] += len(items) - len(on_domain)
         items = on_domain
-    # A task over a given passage is new when its instruction and passage together are.
-    keys = [task_text(i["instruction"], i["input"]) if i["row"]["given_input"] else i["instruction"] for i in items]
+    # A free task is new when its instruction is; a task over a given passage, when no task
+    # over the same passage has a similar instruction.
+    verdicts: list[bool] = [False] * len(items)
+    free = [n for n, i in enumerate(items) if not i["row"]["given_input"]]
+    grounded = [n for n, i in enumerate(items) if i["row"]["given_input"]]
+    for n, (keep, _) in zip(free, dedup.filter([items[n]["instruction"] for n in free])):
+        verdicts[n] = keep
+    for n, (keep, _) in zip(grounded, grounded_dedup.filter([(items[n]["instruction"], items[n]["input"]) for n in grounded])):
+        verdicts[n] = keep
+    # Both indexes hold every kept task, as a resumed run rebuilds them from the shards.
+    dedup.add([items[n]["instruction"] for n in grounded if verdicts[n]])
+    grounded_dedup.add([(items[n]["instruction"], items[n]["input"]) for n in free if verdicts[n] and items[n]["input"]])
     kept = [
         {
             "id": content_id(item["instruction"], item["input"]),
@@ -262,7 +273,7 @@ def run_round(
             "round": round,
             "config_hash": config_hash,
         }
-        for item, (keep, _) in zip(items, dedup.filter(keys))
+        for item, keep in zip(items, verdicts)
         if keep
     ]
     drops["near_duplicate"] += len(items) - len(kept)
@@ -349,10 +360,13 @@ def run_generate(
 
     dedup = RougeDeduper(gen.rouge_threshold)
     dedup.add([s["instruction"] for s in seeds.seeds])
+    grounded_dedup = InputScopedDeduper(gen.rouge_threshold)
+    grounded_dedup.add([(s["instruction"], s["input"]) for s in seeds.seeds if s["input"]])
     done: list[Example] = []
     for shard in manifest["shards"]:
         rows = read_parquet(data(shard["file"]))
         dedup.add([r["instruction"] for r in rows])
+        grounded_dedup.add([(r["instruction"], r["input"]) for r in rows if r["input"]])
         done.extend(rows)
     resumed = len(manifest["shards"])
 
@@ -385,8 +399,8 @@ def run_generate(
             print(f"stopped after generate.max_rounds={gen.max_rounds} rounds with {counted}/{target} examples")
             break
         num_prompts = prompts_for_round(gen, target - counted, manifest["shards"], counted)
-        weights = task_deficits(usable(done), target, profiles) if done else None
-        result = run_round(config, seeds, round, num_prompts, dedup, executor, config_hash, retriever, relevance, weights)
+        weights = round_task_weights(usable(done), target, profiles) if done else None
+        result = run_round(config, seeds, round, num_prompts, dedup, grounded_dedup, executor, config_hash, retriever, relevance, weights)
         shard_file = f"shards/round-{round:04d}.parquet"
         examples = result.pop("examples")
         write_parquet(data(shard_file), examples, schema=example_schema())

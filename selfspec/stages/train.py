@@ -286,15 +286,47 @@ def build_optimizer(model, cfg: TrainConfig, total_steps: int):
 
 
 def response_loss_sum(model, batch: dict[str, torch.Tensor], amp: torch.dtype | None) -> torch.Tensor:
-    """Summed next-token cross-entropy over response tokens (labels != IGNORE_INDEX)."""
-    context = torch.autocast(batch["input_ids"].device.type, dtype=amp) if amp else nullcontext()
-    with context:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
+    """Summed next-token cross-entropy over response tokens (labels != IGNORE_INDEX).
+
+    The output layer runs only where a token carries loss: for short answers after long
+    prompts that is a small share of positions, and the vocabulary projection is about a
+    fifth of the model's matmul work (SmolLM2: 28M of 135M weights)."""
     labels = batch["labels"][:, 1:]
+    context = torch.autocast(batch["input_ids"].device.type, dtype=amp) if amp else nullcontext()
+    head = loss_positions_head(model)
+    with context:
+        if head is None:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            keep = slice(None)
+        else:
+            norm, lm_head = head
+            captured: list[torch.Tensor] = []
+            hook = norm.register_forward_hook(lambda module, args, out: captured.append(out))
+            try:  # the model's forward (through DDP when wrapped) computes one logit per row
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+            finally:
+                hook.remove()
+            keep = labels != IGNORE_INDEX
+            if not keep.any():  # zero loss that still reaches every adapter weight (DDP)
+                return captured[-1].sum() * 0.0
+            logits = lm_head(captured[-1][:, :-1][keep])
     return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.float().reshape(-1, logits.size(-1)), labels[keep].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def loss_positions_head(model) -> tuple[Any, Any] | None:
+    """(final norm, output layer) of a decoder whose logits are just lm_head(norm(h)), or
+    None (softcapped or scaled logits, other layouts): then the full forward is used."""
+    base = unwrap(model).get_base_model()
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    norm, lm_head = getattr(decoder, "norm", None), getattr(base, "lm_head", None)
+    if norm is None or not isinstance(lm_head, torch.nn.Linear) or lm_head.weight.requires_grad:
+        return None
+    return norm, lm_head
 
 
 def count_tokens(micro_batches: list[list[dict]]) -> tuple[int, int]:
