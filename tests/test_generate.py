@@ -96,7 +96,8 @@ def tiny_config(tmp_path: Path, *extra: str):
             f"runs_dir={tmp_path}",
             "name=gen",
             "generate.target=4",
-            "generate.prompts_per_round=6",
+            "generate.prompts_per_round=12",  # two batches a round; the embedded model keeps 1-3
+            "generate.temperature=0.7",  # as the 1k configs: fewer instructions run past the limit
             "generate.batch_size=6",
             "generate.instruction_max_new_tokens=96",
             "generate.response_max_new_tokens=96",

@@ -1,0 +1,98 @@
+"""Dev checks on the seeds alone (never an evaluation task's rows): the numbers behind the
+1k configs' sampling choices and behind self-specialization's premise.
+
+1. Instructions for a given input, leave-one-out: each seed that has an input gets a
+   prompt with 3 other seeds of its task type and its own input; the model writes the
+   instruction. ROUGE-L against the seed's real instruction, per sampling setting: how
+   often the model writes the task the seeds mean, not a drifting one.
+2. Answers, leave-one-out: each seed answered 0-shot and with k seed demos of its type;
+   set F1 of the answer (split on ';') against the seed's output. Few-shot far above
+   zero-shot is what the adapter can learn from the model's own demos-guided answers.
+
+Usage: python benchmarks/seed_dev_checks.py [--seeds seeds/biomedical.yaml] [--model embedded:smollm2-135m-instruct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from selfspec.config import ModelConfig  # noqa: E402
+from selfspec.dedup import rouge_l, rouge_tokens  # noqa: E402
+from selfspec.metrics import normalize_entity  # noqa: E402
+from selfspec.models import SamplingParams, load_backend  # noqa: E402
+from selfspec.seeds import find_seed_file, load_seeds  # noqa: E402
+from selfspec.stages.generate_instructions import build_prompt  # noqa: E402
+from selfspec.stages.generate_responses import build_response_messages  # noqa: E402
+
+SETTINGS = [(1.0, 0.98), (0.7, 0.9), (0.3, 0.9), (0.0, 1.0)]
+
+
+def others_of_type(seeds: list[dict], seed: dict, k: int) -> list[dict]:
+    pool = [s for s in seeds if s["task"] == seed["task"] and s["id"] != seed["id"]]
+    return random.Random(seed["id"]).sample(pool, min(k, len(pool)))
+
+
+def set_f1(answer: str, reference: str) -> float:
+    a = {normalize_entity(x) for x in answer.split(";") if x.strip()}
+    b = {normalize_entity(x) for x in reference.split(";") if x.strip()}
+    if not a and not b:
+        return 1.0
+    hits = len(a & b)
+    return 2 * hits / (len(a) + len(b)) if hits else 0.0
+
+
+def by_task(seeds: list[dict], scores: list[float]) -> dict[str, float]:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for seed, score in zip(seeds, scores):
+        groups[seed["task"]].append(score)
+    return {task: sum(v) / len(v) for task, v in groups.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="seeds/biomedical.yaml")
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--demos", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    seed_set = load_seeds(find_seed_file(args.seeds))
+    seeds = seed_set.seeds
+    backend = load_backend(ModelConfig(ref=args.model, backend="transformers"))
+    print(f"seed dev checks: {args.seeds} ({len(seeds)} seeds), model {args.model}")
+
+    grounded = [s for s in seeds if s["input"]]
+    prompts = [
+        build_prompt(seed_set.domain, seed_set.description, others_of_type(seeds, s, args.demos), new_input=s["input"])
+        for s in grounded
+    ]
+    print(f"\n1. instruction for a given input ({len(grounded)} seeds): ROUGE-L with the seed's own instruction")
+    for temperature, top_p in SETTINGS:
+        started = time.perf_counter()
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=64, stop=("\n",), seed=0)
+        outputs = backend.generate(prompts, params)
+        scores = [rouge_l(rouge_tokens(o[0].text), rouge_tokens(s["instruction"])) for s, o in zip(grounded, outputs)]
+        per_task = " ".join(f"{t}={v:.2f}" for t, v in by_task(grounded, scores).items())
+        print(f"  temperature {temperature:.1f} top_p {top_p:.2f}: mean {sum(scores) / len(scores):.3f} "
+              f"({time.perf_counter() - started:.0f}s)  {per_task}")
+
+    print(f"\n2. answers, set F1 against the seed's output ({len(seeds)} seeds)")
+    params = SamplingParams(temperature=0.0, max_new_tokens=64, stop=("\n\n",))
+    for k in (0, args.demos):
+        messages = [build_response_messages(s["instruction"], s["input"], others_of_type(seeds, s, k)) for s in seeds]
+        outputs = backend.generate(messages, params)
+        scores = [set_f1(o[0].text.strip(), s["output"]) for s, o in zip(seeds, outputs)]
+        per_task = " ".join(f"{t}={v:.2f}" for t, v in by_task(seeds, scores).items())
+        print(f"  {k}-shot: mean {sum(scores) / len(scores):.3f}  {per_task}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
