@@ -143,27 +143,27 @@ class InputScopedDeduper:
         self.threshold = threshold
         self.by_input: dict[str, RougeDeduper] = {}
 
-    def _deduper(self, input: str) -> RougeDeduper:
-        key = " ".join(input.lower().split())
+    def _deduper(self, key: str) -> RougeDeduper:
         if key not in self.by_input:
             self.by_input[key] = RougeDeduper(self.threshold)
         return self.by_input[key]
 
+    @staticmethod
+    def _key(input: str) -> str:
+        return " ".join(input.lower().split())
+
     def add(self, tasks: list[tuple[str, str]]) -> None:
         """Add (instruction, input) pairs without checking them."""
         for instruction, input in tasks:
-            self._deduper(input).add([instruction])
+            self._deduper(self._key(input)).add([instruction])
 
     def filter(self, tasks: list[tuple[str, str]]) -> list[tuple[bool, float]]:
         """(kept, max ROUGE-L with an earlier instruction over the same input) per pair, in order."""
-        groups: dict[int, list[int]] = {}
-        dedupers: dict[int, RougeDeduper] = {}
+        groups: dict[str, list[int]] = {}
         for i, (_, input) in enumerate(tasks):
-            deduper = self._deduper(input)
-            groups.setdefault(id(deduper), []).append(i)
-            dedupers[id(deduper)] = deduper
+            groups.setdefault(self._key(input), []).append(i)
         results: list[tuple[bool, float]] = [(False, 0.0)] * len(tasks)
         for key, indices in groups.items():
-            for i, result in zip(indices, dedupers[key].filter([tasks[i][0] for i in indices])):
+            for i, result in zip(indices, self._deduper(key).filter([tasks[i][0] for i in indices])):
                 results[i] = result
         return results
