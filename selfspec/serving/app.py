@@ -174,7 +174,7 @@ class AdapterModel:
             # Requests for many adapters interleave here: folding would rebuild a weight copy at
             # each switch and hold one more model's worth of memory per replica.
             model_config = model_config.model_copy(update={"merge_single_adapter": False})
-        self.pool = AdapterPool(load_backend(model_config))
+        self.pool = AdapterPool(load_backend(model_config, lora=True))
         self.paths: dict[str, str] = {}
         self.stats: Counter[str] = Counter()
 
