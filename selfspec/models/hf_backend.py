@@ -592,7 +592,7 @@ class TransformersBackend(ModelBackend):
                 input_ids=inputs,
                 attention_mask=mask,
                 position_ids=positions,
-                cache=cache,
+                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=0 if scored and step == 0 else 1,  # 0: at every position
                 **self._adapter_kwargs(names, live),
@@ -642,7 +642,7 @@ class TransformersBackend(ModelBackend):
         self.model(
             input_ids=inputs[:1, first : first + shared],
             position_ids=torch.arange(shared, device=inputs.device)[None],
-            cache=cache,
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
             **self._adapter_kwargs(names, [0]),
@@ -735,7 +735,7 @@ class TransformersBackend(ModelBackend):
         if longest > 1:
             # Every continuation after its context's cache: tokens 1.. are scored here.
             index = torch.tensor([b for b, _ in rows], device=self.device)
-            cache = out.cache
+            cache = out.past_key_values
             cache.batch_select_indices(index)
             steps = longest - 1
             cont_ids = torch.tensor([cont[:-1] + [pad] * (longest - len(cont)) for _, cont in rows], device=self.device)
@@ -748,7 +748,7 @@ class TransformersBackend(ModelBackend):
                 input_ids=cont_ids,
                 attention_mask=torch.cat([mask[index], cont_mask], dim=1),
                 position_ids=cont_positions,
-                cache=cache,
+                past_key_values=cache,
                 use_cache=True,
                 **self._adapter_kwargs(names, [b for b, _ in rows]),
             ).logits.float()

