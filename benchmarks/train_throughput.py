@@ -14,7 +14,9 @@ FLOPs per trained token (LoRA, frozen base, no gradient checkpointing):
   + 6 * L * T * d         attention scores and values (causal: T/2 keys on average), fwd + bwd
 where N_matmul counts every weight used in a matmul (the tied embedding once, as the LM head).
 The output layer runs only on tokens that carry loss, so 4 * N_head * (share of tokens
-without loss) is taken off; a third loop runs it at every position, as before, for the ratio.
+without loss) is taken off. A third loop runs the training loop as it was before the CPU work
+of issue 25 (PEFT's LoRA layers as shipped, the output layer at every position), for the ratio;
+its loss curve differs only by dropout's random masks.
 
 Usage: python benchmarks/train_throughput.py [--steps 8] [--batch-size 8] [--seq-len 256] [--threads 2]
 """
@@ -81,18 +83,22 @@ def steady_rate(rows: list[dict]) -> tuple[float, float]:
 
 
 def plain_pytorch(
-    cfg: TrainConfig, examples: list[dict], threads: int, device: str = "cpu", full_logits: bool = False
+    cfg: TrainConfig, examples: list[dict], threads: int, device: str = "cpu", as_before: bool = False
 ) -> tuple[list[dict], dict]:
-    """`fit` in this process; `full_logits`: the output layer over every position, as before
-    it ran only where tokens carry loss."""
+    """`fit` in this process; `as_before`: the loop as it was before this issue's CPU work,
+    PEFT's LoRA layers as shipped (nn.Dropout, the input copied to fp32), the output layer
+    over every position, and its input left strided."""
     torch.set_num_threads(threads)
-    if full_logits:
-        original, T.loss_positions_head = T.loss_positions_head, lambda model: None
+    saved = {name: getattr(T, name) for name in ("loss_positions_head", "use_fast_lora_inputs",
+                                                  "contiguous_output_layer_input")}
+    if as_before:
+        T.loss_positions_head = lambda model: None
+        T.use_fast_lora_inputs = T.contiguous_output_layer_input = lambda model: None
     try:
         return _plain_pytorch(cfg, examples, threads, device)
     finally:
-        if full_logits:
-            T.loss_positions_head = original
+        for name, value in saved.items():
+            setattr(T, name, value)
 
 
 def _plain_pytorch(cfg: TrainConfig, examples: list[dict], threads: int, device: str) -> tuple[list[dict], dict]:
@@ -154,7 +160,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     amp = T.autocast_dtype(cfg.precision, torch.device("cpu")) or torch.float32
     peak = matmul_gflops(amp)
-    full, _ = plain_pytorch(cfg, examples, args.threads, full_logits=True)
+    full, _ = plain_pytorch(cfg, examples, args.threads, as_before=True)
     plain, info = plain_pytorch(cfg, examples, args.threads)
     ray_rows = ray_train(cfg, examples, args.threads)
     peak_after = matmul_gflops(amp)
@@ -172,7 +178,10 @@ def main() -> int:
     import ray
 
     print(f"selfspec train throughput ({time.strftime('%Y-%m-%d %H:%M')})")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
+    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()
+                    if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}) if os.path.exists("/proc/cpuinfo") else []
+    print(f"machine: {platform.processor() or platform.machine()}, CPU flags {' '.join(flags) or '?'}, "
+          f"{os.cpu_count()} cores, {args.threads} threads; "
           f"torch {torch.__version__}, ray {ray.__version__}; load average {load_before:.1f} -> {load_after:.1f}")
     print(f"model: {MODEL}; LoRA r={cfg.r} alpha={cfg.alpha} {cfg.target_modules}; "
           f"{info['n_matmul'] / 1e6:.1f}M matmul weights, {info['n_lora'] / 1e6:.2f}M trainable; "
@@ -180,9 +189,10 @@ def main() -> int:
     print(f"work: {args.steps} steps of {args.batch_size} packed rows x {args.seq_len} tokens "
           f"({tokens_per_row:.0f} tokens/row); rates exclude step 1")
     print(f"matmul {2048}x{2048} {info['precision']}: {peak:.0f} GFLOP/s before, {peak_after:.0f} after")
-    print(f"plain, full logits:  {full_rate:8.1f} tokens/s  ({full_step:.2f} s/step)  (output layer at every position)")
+    print(f"plain, as before:    {full_rate:8.1f} tokens/s  ({full_step:.2f} s/step)  "
+          f"(PEFT's layers as shipped, output layer at every position)")
     print(f"plain PyTorch:       {plain_rate:8.1f} tokens/s  ({plain_step:.2f} s/step)  "
-          f"x{plain_rate / full_rate:.2f} vs full logits")
+          f"x{plain_rate / full_rate:.2f} vs as before")
     print(f"Ray Train, 1 worker: {ray_rate:8.1f} tokens/s  ({ray_step:.2f} s/step)")
     print(f"ratio Ray / plain:   {ray_rate / plain_rate:8.3f}  (goal >= 0.9)")
     print(f"FLOPs/token = 4*{info['n_matmul'] / 1e6:.1f}M + 6*{info['n_lora'] / 1e6:.2f}M + "
@@ -190,13 +200,17 @@ def main() -> int:
     print(f"  less 4*{info['n_head'] / 1e6:.1f}M (output layer) x {1 - info['loss_share']:.0%} of tokens "
           f"without loss = {(flops_per_token - head_saved) / 1e6:.0f} MFLOP when the output layer runs on loss tokens only")
     for name, rate, flops in (
-        ("full logits", full_rate, flops_per_token),
+        ("as before", full_rate, flops_per_token),
         ("plain", plain_rate, flops_per_token - head_saved),
         ("ray", ray_rate, flops_per_token - head_saved),
     ):
         achieved = rate * flops / 1e9
         print(f"{name:11s}: {achieved:6.1f} GFLOP/s = {achieved / best_peak:.1%} of the matmul rate")
-    print(f"loss step 1 -> {args.steps}: full logits {full[0]['loss']:.3f} -> {full[-1]['loss']:.3f}, "
+    import resource
+
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB "
+          f"(Ray Train's worker is a process of its own)")
+    print(f"loss step 1 -> {args.steps}: as before {full[0]['loss']:.3f} -> {full[-1]['loss']:.3f}, "
           f"plain {plain[0]['loss']:.3f} -> {plain[-1]['loss']:.3f}, "
           f"ray {ray_rows[0]['loss']:.3f} -> {ray_rows[-1]['loss']:.3f}")
     return 0

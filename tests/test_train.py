@@ -348,3 +348,44 @@ def test_bf16_loss_and_gradients_track_fp32(tokenizer):
     (loss32, grad32), (loss16, grad16) = first["fp32"], first["bf16"]
     assert loss16 == pytest.approx(loss32, rel=0.01)
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0).item() >= 0.99
+
+
+def test_masked_dropout_keeps_the_share_and_scale_of_nn_dropout():
+    dropout = T.MaskedDropout(0.05).train()
+    x = torch.ones(1000, 999, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    out = dropout(x)
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(0.95, abs=0.002)
+    assert torch.all(out[kept] == torch.tensor(1 / 0.95, dtype=torch.bfloat16))
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), out)  # torch's generator: seeded runs repeat
+    # no lane of a random word is favoured (the high lane holds the word's sign bit, unused)
+    lanes = kept.flatten()[: 3 * 300_000].view(-1, 3).float().mean(dim=0)
+    assert torch.allclose(lanes, torch.full((3,), 0.95), atol=0.003)
+    assert dropout.eval()(x) is x
+
+
+def test_fast_lora_inputs_equal_peft_layers_in_bf16(tokenizer):
+    """MaskedDropout at p=0 and no fp32 copy of the input: the same loss and gradients as
+    PEFT's own layers under bf16 autocast (the input was cast to fp32 and straight back)."""
+    cfg = TrainConfig(max_seq_len=64, batch_size=4, dropout=0.0)
+    amp = torch.bfloat16
+    model, tok = T.load_lora_model(MODEL, cfg, CPU, amp)
+    records, _ = T.tokenize_examples(make_examples(4), tok, "chat", cfg.max_seq_len)
+    batch = T.collate(records, tok.pad_token_id)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(not m.cast_input_dtype_enabled for m in layers)
+    results = []
+    for cast in (False, True):
+        for m in layers:
+            m.cast_input_dtype_enabled = cast
+        model.zero_grad(set_to_none=True)
+        loss = T.response_loss_sum(model, batch, amp)
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+    (fast, fast_grad), (peft, peft_grad) = results
+    assert fast == peft
+    assert torch.equal(fast_grad, peft_grad)

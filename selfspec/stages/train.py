@@ -248,7 +248,59 @@ def load_lora_model(model_ref: str, cfg: TrainConfig, device: torch.device, amp:
         model = get_peft_model(model, lora)
     # PEFT would record the resolved cache folder; the config's reference is the portable name.
     model.peft_config["default"].base_model_name_or_path = model_ref
+    if device.type == "cpu":
+        use_fast_lora_inputs(model)
+    contiguous_output_layer_input(model)
     return model.to(device), tokenizer
+
+
+def contiguous_output_layer_input(model) -> None:
+    """The forward's last-position logits (`logits_to_keep=1`) read a strided slice of the
+    hidden states; with autograd on, torch's matmul then expands the output layer's weight
+    once per row and copies it (8 x 576 x 49152 values for SmolLM2 at batch 8, 13% of a
+    step). A contiguous input folds into one plain matmul."""
+    head = model.get_base_model().get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+
+
+class MaskedDropout(torch.nn.Module):
+    """Inverted dropout (keep probability 1 - p, kept values scaled by 1 / (1 - p)), as
+    nn.Dropout, with its mask drawn from 16-bit lanes of 64-bit random words, three per word
+    (the fourth lane holds the word's always-zero sign bit), from torch's default generator.
+    On CPU, drawing one random number per element dominated nn.Dropout's cost: 21% of a LoRA
+    step on 2 cores; this draws a third as many. p is exact to 1/65536."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = -32768 + round(p * 65536)  # a lane below it drops its element
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = x.numel()
+        words = torch.empty(-(-n // 3), dtype=torch.int64, device=x.device).random_()
+        keep = (words.view(torch.int16) >= self.threshold).view(-1, 4)[:, :3].reshape(-1)[:n].view(x.shape)
+        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_lora_inputs(model) -> None:
+    """Two CPU savings in PEFT's LoRA layers, the same arithmetic:
+    - its dropout modules become `MaskedDropout` (the same distribution, cheaper masks);
+    - the layer input is no longer cast to the adapter's fp32 dtype. Under bf16 autocast the
+      adapter matmul casts it straight back, so the copy only cost time (11% of a step)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+            for name, dropout in getattr(module, "lora_dropout", {}).items():
+                if isinstance(dropout, torch.nn.Dropout):
+                    module.lora_dropout[name] = MaskedDropout(dropout.p)
 
 
 def _bnb_config(device: torch.device):
