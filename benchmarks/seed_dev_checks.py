@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from selfspec.config import ModelConfig  # noqa: E402
 from selfspec.dedup import rouge_l, rouge_tokens  # noqa: E402
-from selfspec.metrics import normalize_entity  # noqa: E402
+from selfspec.metrics import gold_entities  # noqa: E402
 from selfspec.models import SamplingParams, load_backend  # noqa: E402
 from selfspec.seeds import find_seed_file, load_seeds  # noqa: E402
 from selfspec.stages.generate_instructions import build_prompt  # noqa: E402
@@ -45,8 +45,7 @@ def others_of_type(seeds: list[dict], seed: dict, k: int) -> list[dict]:
 
 
 def set_f1(answer: str, reference: str) -> float:
-    a = {normalize_entity(x) for x in answer.split(";") if x.strip()}
-    b = {normalize_entity(x) for x in reference.split(";") if x.strip()}
+    a, b = gold_entities(answer), gold_entities(reference)
     if not a and not b:
         return 1.0
     hits = len(a & b)
@@ -97,7 +96,6 @@ def check_instructions(backend, seed_set, demos: int) -> None:
         per_task = " ".join(f"{t}={v:.2f}" for t, v in by_task(grounded, scores).items())
         print(f"  temperature {temperature:.1f} top_p {top_p:.2f}: mean {sum(scores) / len(scores):.3f} "
               f"({time.perf_counter() - started:.0f}s)  {per_task}")
-
 
 
 def check_answers(backend, seeds: list[dict], demos: int, adapter: str | None) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import resource
 import sys
 import tempfile
 import time
@@ -37,6 +37,7 @@ from selfspec.config import RunConfig, TrainConfig
 from selfspec.io import RunDir, write_parquet
 from selfspec.schema import example_schema
 from selfspec.stages import train as T
+from specialization_run import cpu_facts
 
 MODEL = "embedded:smollm2-135m-instruct"
 
@@ -178,10 +179,7 @@ def main() -> int:
     import ray
 
     print(f"selfspec train throughput ({time.strftime('%Y-%m-%d %H:%M')})")
-    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()
-                    if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}) if os.path.exists("/proc/cpuinfo") else []
-    print(f"machine: {platform.processor() or platform.machine()}, CPU flags {' '.join(flags) or '?'}, "
-          f"{os.cpu_count()} cores, {args.threads} threads; "
+    print(f"machine: {cpu_facts()}, {args.threads} threads; "
           f"torch {torch.__version__}, ray {ray.__version__}; load average {load_before:.1f} -> {load_after:.1f}")
     print(f"model: {MODEL}; LoRA r={cfg.r} alpha={cfg.alpha} {cfg.target_modules}; "
           f"{info['n_matmul'] / 1e6:.1f}M matmul weights, {info['n_lora'] / 1e6:.2f}M trainable; "
@@ -206,8 +204,6 @@ def main() -> int:
     ):
         achieved = rate * flops / 1e9
         print(f"{name:11s}: {achieved:6.1f} GFLOP/s = {achieved / best_peak:.1%} of the matmul rate")
-    import resource
-
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB "
           f"(Ray Train's worker is a process of its own)")
     print(f"loss step 1 -> {args.steps}: as before {full[0]['loss']:.3f} -> {full[-1]['loss']:.3f}, "

