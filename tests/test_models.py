@@ -206,6 +206,19 @@ def test_fixed_seed_sampling_is_deterministic(backend):
     assert first[0][0].text != first[0][1].text  # n samples differ
 
 
+def test_repeated_prompts_prefill_once_and_decode_as_their_own_rows(fp32_backend):
+    """n samples (and repeated prompts) share one prefill; each repeat decodes as if alone."""
+    prompts = [chat(QUESTIONS[0]), chat(QUESTIONS[1]), chat(QUESTIONS[0])]
+    greedy = SamplingParams(max_new_tokens=12, n=3, logprobs=1)
+    alone = [fp32_backend.generate([p], SamplingParams(max_new_tokens=12, logprobs=1))[0][0] for p in prompts[:2]]
+    out = fp32_backend.generate(prompts, greedy)
+    for p, samples in zip((0, 1, 0), out):
+        assert [s.text for s in samples] == [alone[p].text] * 3
+        assert [t.token for t in samples[2].logprobs] == [t.token for t in alone[p].logprobs]
+    sampled = fp32_backend.generate(prompts[:1], SamplingParams(temperature=1.0, max_new_tokens=12, n=4, seed=3))[0]
+    assert len({s.text for s in sampled}) > 1
+
+
 def test_answers_a_simple_question_in_sensible_english(backend):
     out = backend.generate([chat(QUESTIONS[0])], SamplingParams(max_new_tokens=40))[0][0]
     text = out.text.lower()

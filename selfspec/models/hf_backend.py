@@ -581,12 +581,22 @@ class TransformersBackend(ModelBackend):
             return decoded
         cache = decode_cache(self.model.config)
         one_model = names is None or len(set(names)) == 1
+        live = list(range(len(inputs)))
+        # Rows that repeat a prompt (n samples of one prompt) prefill once; the cache and the
+        # first logits are copied to the repeats after the prefill.
+        repeats = None
+        if len(inputs) > 1 and not scored:
+            first: dict[tuple[int, ...], int] = {}
+            inverse = [first.setdefault(tuple(row), len(first)) for row in inputs.tolist()]
+            if len(first) < len(inputs):
+                live = [inverse.index(u) for u in range(len(first))]
+                repeats = torch.tensor(inverse, device=inputs.device)
+                inputs, mask = inputs[live], mask[live]
         # The shared prefix is prefilled without logits, so prompt logprobs prefill every token per row.
         if len(inputs) > 1 and one_model and not scored and prefix_fits(cache, inputs.shape[1] + params.max_new_tokens):
             inputs, mask = self._prefill_shared_prefix(inputs, mask, cache, names)
         # Left padding: positions count real tokens only.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
-        live = list(range(len(inputs)))
         for step in range(max(params.max_new_tokens, 1)):  # max_new_tokens 0: the prefill alone
             logits = self.model(
                 input_ids=inputs,
@@ -601,6 +611,10 @@ class TransformersBackend(ModelBackend):
                 decoded.prompt_logprobs = prompt_logprobs(logits, inputs, mask, params.prompt_logprobs)
             if not params.max_new_tokens:
                 break
+            if repeats is not None:
+                cache.batch_select_indices(repeats)
+                logits, mask, positions = logits[repeats], mask[repeats], positions[repeats]
+                live, repeats = list(range(len(repeats))), None
             picked = pick_next(logits[:, -1], params)
             for r, token in zip(live, picked.tolist()):
                 generated[r].append(token)
