@@ -43,6 +43,7 @@ class TaskProfile:
     max_output_words: int  # the longest seed output, in words
     labels: tuple[str, ...]  # label set (seed spelling), empty for open-ended types
     label_shares: dict[str, float]  # normalized label -> share among the type's seeds
+    list_answers: bool = False  # most seed answers are '; '-separated lists (entity lists)
 
     @property
     def labelled(self) -> bool:
@@ -77,6 +78,7 @@ def task_profiles(seeds: Sequence[Seed]) -> dict[str, TaskProfile]:
             max_output_words=max(len(s["output"].split()) for s in members),
             labels=labels,
             label_shares=shares,
+            list_answers=2 * sum(";" in s["output"] for s in members) > len(members),
         )
     return profiles
 

@@ -17,7 +17,7 @@ from selfspec.config import load_config
 from selfspec.dedup import RougeDeduper, rouge_l, rouge_tokens
 from selfspec.io import RunDir, read_json, read_parquet
 from selfspec.stages.generate_instructions import build_prompt, instruction_drop_reason, parse_tasks
-from selfspec.stages.generate_responses import is_degenerate, response_drop_reason
+from selfspec.stages.generate_responses import collapse_repeated_items, is_degenerate, response_drop_reason
 
 BLACKLIST = load_config("default").generate.blacklist
 
@@ -66,6 +66,24 @@ def test_response_filters():
     assert response_drop_reason("No.", "stop", passage) is None
     assert is_degenerate("the drug the drug the drug the drug the drug the drug the drug the drug")
     assert response_drop_reason("Metformin is a biguanide that lowers hepatic glucose output.", "stop") is None
+
+
+def test_list_answers_that_loop_are_cut_to_their_distinct_items():
+    looped = "duchenne muscular dystrophy; myotonic dystrophy; Myotonic dystrophy; myotonic dystrophy; myoto"
+    assert collapse_repeated_items(looped, truncated=True) == "duchenne muscular dystrophy; myotonic dystrophy"
+    typed = "Chemicals: cisplatin; cisplatin\nDiseases: nephrotoxicity; nephrotoxicity; nephro"
+    assert collapse_repeated_items(typed, truncated=True) == "Chemicals: cisplatin\nDiseases: nephrotoxicity"
+    # Lists without a repeat, and prose, are left to the other filters.
+    assert collapse_repeated_items("BRCA1; BRCA2", truncated=False) is None
+    assert collapse_repeated_items("The patient was treated with cisplatin and", truncated=True) is None
+
+
+def test_seed_types_answering_in_lists_are_known_from_the_seeds():
+    from selfspec.quality import task_profiles
+    from selfspec.seeds import load_seeds
+
+    profiles = task_profiles(load_seeds("seeds/biomedical.yaml").seeds)
+    assert {t for t, p in profiles.items() if p.list_answers} == {"disease_ner", "chemical_ner", "gene_ner", "chemical_disease_ner"}
 
 
 def test_dedup_matches_brute_force_rouge_l():

@@ -54,7 +54,13 @@ from selfspec.stages.generate_instructions import (
     parse_given_input,
     parse_tasks,
 )
-from selfspec.stages.generate_responses import RESPONSE_STOPS, clean_response, response_drop_reason, response_rows
+from selfspec.stages.generate_responses import (
+    RESPONSE_STOPS,
+    clean_response,
+    collapse_repeated_items,
+    response_drop_reason,
+    response_rows,
+)
 
 ADAPTER_NAME = "specialized"
 
@@ -171,10 +177,13 @@ def parse_round(raw: list[dict[str, Any]], gen, drops: Counter) -> list[dict[str
     return items
 
 
-def answer_rows(answered: list[dict[str, Any]], profiles: dict[str, TaskProfile], gen, drops: Counter) -> list[Example]:
-    """Examples from answered rows. A label task keeps the label a clear majority of its
-    sampled answers names (spelled as in the seeds); other tasks keep the greedy answer."""
-    examples = []
+def answer_rows(
+    answered: list[dict[str, Any]], profiles: dict[str, TaskProfile], gen, drops: Counter
+) -> tuple[list[Example], int]:
+    """Examples from answered rows, and how many list answers were cut out of a loop. A label
+    task keeps the label a clear majority of its sampled answers names (spelled as in the
+    seeds); other tasks keep the greedy answer."""
+    examples, repaired = [], 0
     for row in sorted(answered, key=lambda r: r["id"]):
         profile = label_task(profiles, row["task"])
         if profile is not None:
@@ -185,6 +194,13 @@ def answer_rows(answered: list[dict[str, Any]], profiles: dict[str, TaskProfile]
                 continue
             row = {**row, "output": label, "label": label}
         else:
+            task_profile = profiles.get(row["task"])
+            collapsed = None
+            if task_profile is not None and task_profile.list_answers:
+                collapsed = collapse_repeated_items(row["output"], row["finish_reason"] == "length")
+            if collapsed:  # a list that looped: its distinct items are the answer
+                row = {**row, "output": collapsed, "finish_reason": "stop"}
+                repaired += 1
             reason = response_drop_reason(row["output"], row["finish_reason"], row["input"])
             over_budget = reason == "truncated_response" and row["completion_tokens"] < gen.response_max_new_tokens
             if over_budget or (reason is None and off_form(row["output"], profiles.get(row["task"]))):
@@ -194,7 +210,7 @@ def answer_rows(answered: list[dict[str, Any]], profiles: dict[str, TaskProfile]
                 continue
             row = {**row, "label": ""}
         examples.append(Example(**{k: row[k] for k in example_schema().names}))
-    return examples
+    return examples, repaired
 
 
 def run_round(
@@ -303,7 +319,7 @@ def run_round(
                 config, executor, adapters, f"round {round}: {what}",
             )
     response_drops: Counter[str] = Counter()
-    examples = answer_rows(answered, profiles, gen, response_drops)
+    examples, repaired = answer_rows(answered, profiles, gen, response_drops)
     nodes = sorted({r.get("node_id", "local") for r in raw + answered})
     return {
         "examples": examples,
@@ -312,6 +328,7 @@ def run_round(
             "raw_instructions": raw_count,
             "kept_instructions": len(kept),
             "labelled": len(labelled),
+            "repaired_lists": repaired,
             "examples": len(examples),
         },
         "drops": {"instruction": dict(drops), "response": dict(response_drops)},

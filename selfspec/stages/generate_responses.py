@@ -56,6 +56,32 @@ def response_drop_reason(text: str, finish_reason: str, input: str = "") -> str 
     return None
 
 
+TYPED_LINE = re.compile(r"^(\s*[A-Za-z][\w ]{0,30}:\s*)(.*)$")
+
+
+def collapse_repeated_items(text: str, truncated: bool) -> str | None:
+    """A list answer ('a; b; a; a', one list per line, optionally after a 'Type:' head) that
+    loops on its items, as small models do, cut to its distinct items; with `truncated`, the
+    unfinished last item goes too. None when no item repeats (the answer stands as it is)."""
+    lines = text.strip().split("\n")
+    out, repeated = [], False
+    for n, line in enumerate(lines):
+        typed = TYPED_LINE.match(line)
+        head, body = (typed.group(1), typed.group(2)) if typed else ("", line)
+        items = [i.strip() for i in body.split(";")]
+        if truncated and n == len(lines) - 1:
+            items = items[:-1]
+        seen: dict[str, str] = {}
+        for item in items:
+            if item and normalize_entity(item) in seen:
+                repeated = True
+            elif item:
+                seen[normalize_entity(item)] = item
+        if seen or head:
+            out.append(head + "; ".join(seen.values()))
+    return "\n".join(out).strip() if repeated and out else None
+
+
 def clean_response(text: str) -> str:
     return text.strip()
 
