@@ -17,7 +17,7 @@ from selfspec.config import load_config
 from selfspec.dedup import RougeDeduper, rouge_l, rouge_tokens
 from selfspec.io import RunDir, read_json, read_parquet
 from selfspec.stages.generate_instructions import build_prompt, instruction_drop_reason, parse_tasks
-from selfspec.stages.generate_responses import collapse_repeated_items, is_degenerate, response_drop_reason
+from selfspec.stages.generate_responses import collapse_repeated_items, ground_list_items, is_degenerate, response_drop_reason
 
 BLACKLIST = load_config("default").generate.blacklist
 
@@ -76,6 +76,30 @@ def test_list_answers_that_loop_are_cut_to_their_distinct_items():
     # Lists without a repeat, and prose, are left to the other filters.
     assert collapse_repeated_items("BRCA1; BRCA2", truncated=False) is None
     assert collapse_repeated_items("The patient was treated with cisplatin and", truncated=True) is None
+
+
+def test_list_items_the_input_does_not_contain_are_removed():
+    sentence = "Serum lithium rose after enalapril was added, and the patient developed nephrogenic Diabetes Insipidus."
+    assert ground_list_items("lithium; Enalapril; warfarin", sentence) == ("lithium; Enalapril", 1)
+    typed = "Chemicals: lithium; enalapril\nDiseases: tardive dyskinesia"
+    assert ground_list_items(typed, sentence) == ("Chemicals: lithium; enalapril\nDiseases: none", 1)
+    assert ground_list_items("none", sentence) == ("none", 0)  # an empty list is an answer
+    assert ground_list_items("warfarin; aspirin", sentence) == ("", 2)  # nothing it listed is there
+
+
+def test_every_list_seed_is_grounded_in_its_own_input():
+    """The seeds, which a person wrote, pass the filter unchanged: it drops only what a
+    person would not have written."""
+    from selfspec.quality import task_profiles
+    from selfspec.seeds import load_seeds
+
+    for path in ("seeds/biomedical.yaml", "seeds/finance.yaml"):
+        seeds = load_seeds(path).seeds
+        profiles = task_profiles(seeds)
+        listed = [s for s in seeds if profiles[s["task"]].list_answers and s["input"]]
+        assert len(listed) >= 9
+        for seed in listed:
+            assert ground_list_items(seed["output"], seed["input"]) == (seed["output"], 0), seed["id"]
 
 
 def test_seed_types_answering_in_lists_are_known_from_the_seeds():

@@ -58,6 +58,7 @@ from selfspec.stages.generate_responses import (
     RESPONSE_STOPS,
     clean_response,
     collapse_repeated_items,
+    ground_list_items,
     response_drop_reason,
     response_rows,
 )
@@ -179,11 +180,11 @@ def parse_round(raw: list[dict[str, Any]], gen, drops: Counter) -> list[dict[str
 
 def answer_rows(
     answered: list[dict[str, Any]], profiles: dict[str, TaskProfile], gen, drops: Counter
-) -> tuple[list[Example], int]:
-    """Examples from answered rows, and how many list answers were cut out of a loop. A label
-    task keeps the label a clear majority of its sampled answers names (spelled as in the
-    seeds); other tasks keep the greedy answer."""
-    examples, repaired = [], 0
+) -> tuple[list[Example], dict[str, int]]:
+    """Examples from answered rows, and counts of the list answers repaired (cut out of a
+    loop; items not in the input removed). A label task keeps the label a clear majority of
+    its sampled answers names (spelled as in the seeds); other tasks keep the greedy answer."""
+    examples, repaired, ungrounded = [], 0, 0
     for row in sorted(answered, key=lambda r: r["id"]):
         profile = label_task(profiles, row["task"])
         if profile is not None:
@@ -201,6 +202,13 @@ def answer_rows(
             if collapsed:  # a list that looped: its distinct items are the answer
                 row = {**row, "output": collapsed, "finish_reason": "stop"}
                 repaired += 1
+            if task_profile is not None and task_profile.list_answers and row["input"] and row["finish_reason"] != "length":
+                grounded, removed = ground_list_items(row["output"], row["input"])
+                if not grounded:
+                    drops["ungrounded_items"] += 1
+                    continue
+                row = {**row, "output": grounded}
+                ungrounded += removed
             reason = response_drop_reason(row["output"], row["finish_reason"], row["input"])
             over_budget = reason == "truncated_response" and row["completion_tokens"] < gen.response_max_new_tokens
             if over_budget or (reason is None and off_form(row["output"], profiles.get(row["task"]))):
@@ -210,7 +218,7 @@ def answer_rows(
                 continue
             row = {**row, "label": ""}
         examples.append(Example(**{k: row[k] for k in example_schema().names}))
-    return examples, repaired
+    return examples, {"repaired_lists": repaired, "ungrounded_items_removed": ungrounded}
 
 
 def run_round(
@@ -319,7 +327,7 @@ def run_round(
                 config, executor, adapters, f"round {round}: {what}",
             )
     response_drops: Counter[str] = Counter()
-    examples, repaired = answer_rows(answered, profiles, gen, response_drops)
+    examples, repairs = answer_rows(answered, profiles, gen, response_drops)
     nodes = sorted({r.get("node_id", "local") for r in raw + answered})
     return {
         "examples": examples,
@@ -328,7 +336,7 @@ def run_round(
             "raw_instructions": raw_count,
             "kept_instructions": len(kept),
             "labelled": len(labelled),
-            "repaired_lists": repaired,
+            **repairs,
             "examples": len(examples),
         },
         "drops": {"instruction": dict(drops), "response": dict(response_drops)},

@@ -82,6 +82,31 @@ def collapse_repeated_items(text: str, truncated: bool) -> str | None:
     return "\n".join(out).strip() if repeated and out else None
 
 
+def ground_list_items(text: str, input: str) -> tuple[str, int]:
+    """A list answer over a given input with the items the input does not contain removed
+    (case and spacing aside): an extracted entity is a span of its text, so an item that is
+    not there was copied from a demo or made up. A typed line left empty says 'none'.
+    -> (the answer, how many items went); the answer is '' when nothing it listed remains."""
+    source = " ".join(input.lower().split())
+    lines, removed, kept_any, listed_any = [], 0, False, False
+    for line in text.strip().split("\n"):
+        typed = TYPED_LINE.match(line)
+        head, body = (typed.group(1), typed.group(2)) if typed else ("", line)
+        items = [i.strip() for i in body.split(";") if i.strip()]
+        listed = [i for i in items if i.lower() != "none"]
+        listed_any = listed_any or bool(listed)
+        grounded = [i for i in listed if " ".join(i.lower().split()) in source]
+        removed += len(listed) - len(grounded)
+        kept_any = kept_any or bool(grounded)
+        if head:
+            lines.append(head + ("; ".join(grounded) if grounded else "none"))
+        elif grounded or not listed:
+            lines.append("; ".join(grounded) if grounded else body.strip())
+    if listed_any and not kept_any:
+        return "", removed
+    return "\n".join(lines).strip(), removed
+
+
 def clean_response(text: str) -> str:
     return text.strip()
 
