@@ -221,9 +221,12 @@ def test_tasks_without_input_see_only_context_passages(tmp_path):
     prompts = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, 12, 3, 0, 1)
     grounded = PromptGrounder.from_config(config, RunDir(str(tmp_path / "r")), executor="local").ground(prompts, seeds)
     without_input = [r for r in grounded if not r["given_input"]]
-    assert without_input and all(len(r["passage_ids"]) == 1 for r in grounded)
+    # BM25 finds nothing for a prompt whose seeds share no word with the tiny corpus; such a
+    # prompt asks for a task with an input of its own.
+    assert all(len(r["passage_ids"]) <= 1 for r in grounded)
+    assert any(r["passage_ids"] for r in without_input)
     for row in without_input:
-        assert "[1] " in row["prompt"] and "[2] " not in row["prompt"]
+        assert "[2] " not in row["prompt"] and ("[1] " in row["prompt"]) == bool(row["passage_ids"])
 
 
 def test_a_passage_goes_to_each_task_type_once_while_others_are_left(tmp_path):

@@ -582,12 +582,13 @@ class TransformersBackend(ModelBackend):
         cache = decode_cache(self.model.config)
         one_model = names is None or len(set(names)) == 1
         live = list(range(len(inputs)))
-        # Rows that repeat a prompt (n samples of one prompt) prefill once; the cache and the
-        # first logits are copied to the repeats after the prefill.
+        # Rows that repeat a prompt under the same adapter (n samples of one prompt) prefill
+        # once; the cache and the first logits are copied to the repeats after the prefill.
         repeats = None
         if len(inputs) > 1 and not scored:
-            first: dict[tuple[int, ...], int] = {}
-            inverse = [first.setdefault(tuple(row), len(first)) for row in inputs.tolist()]
+            first: dict[tuple[str | None, tuple[int, ...]], int] = {}
+            keys = [(None if names is None else names[r], tuple(row)) for r, row in enumerate(inputs.tolist())]
+            inverse = [first.setdefault(key, len(first)) for key in keys]
             if len(first) < len(inputs):
                 live = [inverse.index(u) for u in range(len(first))]
                 repeats = torch.tensor(inverse, device=inputs.device)
