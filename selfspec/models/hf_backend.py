@@ -586,12 +586,14 @@ class TransformersBackend(ModelBackend):
         # once; the cache and the first logits are copied to the repeats after the prefill.
         repeats = None
         if len(inputs) > 1 and not scored:
-            first: dict[tuple[str | None, tuple[int, ...]], int] = {}
             keys = [(None if names is None else names[r], tuple(row)) for r, row in enumerate(inputs.tolist())]
-            inverse = [first.setdefault(key, len(first)) for key in keys]
+            first: dict[tuple[str | None, tuple[int, ...]], int] = {}  # key -> its first row
+            for r, key in enumerate(keys):
+                first.setdefault(key, r)
             if len(first) < len(inputs):
-                live = [inverse.index(u) for u in range(len(first))]
-                repeats = torch.tensor(inverse, device=inputs.device)
+                live = list(first.values())
+                unique = {key: u for u, key in enumerate(first)}
+                repeats = torch.tensor([unique[key] for key in keys], device=inputs.device)
                 inputs, mask = inputs[live], mask[live]
         # The shared prefix is prefilled without logits, so prompt logprobs prefill every token per row.
         if len(inputs) > 1 and one_model and not scored and prefix_fits(cache, inputs.shape[1] + params.max_new_tokens):

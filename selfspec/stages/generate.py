@@ -196,22 +196,21 @@ def answer_rows(
             row = {**row, "output": label, "label": label}
         else:
             task_profile = profiles.get(row["task"])
-            collapsed = None
             if task_profile is not None and task_profile.list_answers:
                 collapsed = collapse_repeated_items(row["output"], row["finish_reason"] == "length")
-            if collapsed:  # a list that looped: its distinct items are the answer
-                row = {**row, "output": collapsed, "finish_reason": "stop"}
-                repaired += 1
-            if task_profile is not None and task_profile.list_answers and row["input"] and row["finish_reason"] != "length":
-                grounded, removed = ground_list_items(row["output"], row["input"])
-                if not grounded:
-                    drops["ungrounded_items"] += 1
-                    continue
-                row = {**row, "output": grounded}
-                ungrounded += removed
+                if collapsed:  # a list that looped: its distinct items are the answer
+                    row = {**row, "output": collapsed, "finish_reason": "stop"}
+                    repaired += 1
+                if row["input"] and row["finish_reason"] != "length":
+                    grounded, removed = ground_list_items(row["output"], row["input"])
+                    if not grounded:
+                        drops["ungrounded_items"] += 1
+                        continue
+                    row = {**row, "output": grounded}
+                    ungrounded += removed
             reason = response_drop_reason(row["output"], row["finish_reason"], row["input"])
             over_budget = reason == "truncated_response" and row["completion_tokens"] < gen.response_max_new_tokens
-            if over_budget or (reason is None and off_form(row["output"], profiles.get(row["task"]))):
+            if over_budget or (reason is None and off_form(row["output"], task_profile)):
                 reason = "off_form"  # longer than its type's seed-sized budget, or than off_form allows
             if reason:
                 drops[reason] += 1

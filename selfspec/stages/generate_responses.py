@@ -59,16 +59,25 @@ def response_drop_reason(text: str, finish_reason: str, input: str = "") -> str 
 TYPED_LINE = re.compile(r"^(\s*[A-Za-z][\w ]{0,30}:\s*)(.*)$")
 
 
+def list_lines(text: str) -> list[tuple[str, str, list[str]]]:
+    """A list answer's lines as (head, body, items): 'Chemicals: a; b' -> ('Chemicals: ',
+    'a; b', ['a', 'b']); an untyped line has head ''. Items keep their spelling, empty ones
+    included."""
+    lines = []
+    for line in text.strip().split("\n"):
+        typed = TYPED_LINE.match(line)
+        head, body = (typed.group(1), typed.group(2)) if typed else ("", line)
+        lines.append((head, body, [item.strip() for item in body.split(";")]))
+    return lines
+
+
 def collapse_repeated_items(text: str, truncated: bool) -> str | None:
     """A list answer ('a; b; a; a', one list per line, optionally after a 'Type:' head) that
     loops on its items, as small models do, cut to its distinct items; with `truncated`, the
     unfinished last item goes too. None when no item repeats (the answer stands as it is)."""
-    lines = text.strip().split("\n")
+    lines = list_lines(text)
     out, repeated = [], False
-    for n, line in enumerate(lines):
-        typed = TYPED_LINE.match(line)
-        head, body = (typed.group(1), typed.group(2)) if typed else ("", line)
-        items = [i.strip() for i in body.split(";")]
+    for n, (head, _, items) in enumerate(lines):
         if truncated and n == len(lines) - 1:
             items = items[:-1]
         seen: dict[str, str] = {}
@@ -87,15 +96,12 @@ def ground_list_items(text: str, input: str) -> tuple[str, int]:
     (case and spacing aside): an extracted entity is a span of its text, so an item that is
     not there was copied from a demo or made up. A typed line left empty says 'none'.
     -> (the answer, how many items went); the answer is '' when nothing it listed remains."""
-    source = " ".join(input.lower().split())
+    source = normalize_entity(input)
     lines, removed, kept_any, listed_any = [], 0, False, False
-    for line in text.strip().split("\n"):
-        typed = TYPED_LINE.match(line)
-        head, body = (typed.group(1), typed.group(2)) if typed else ("", line)
-        items = [i.strip() for i in body.split(";") if i.strip()]
-        listed = [i for i in items if i.lower() != "none"]
+    for head, body, items in list_lines(text):
+        listed = [i for i in items if i and i.lower() != "none"]
         listed_any = listed_any or bool(listed)
-        grounded = [i for i in listed if " ".join(i.lower().split()) in source]
+        grounded = [i for i in listed if normalize_entity(i) in source]
         removed += len(listed) - len(grounded)
         kept_any = kept_any or bool(grounded)
         if head:
