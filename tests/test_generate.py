@@ -85,6 +85,10 @@ def test_list_items_the_input_does_not_contain_are_removed():
     assert ground_list_items(typed, sentence) == ("Chemicals: lithium; enalapril\nDiseases: none", 1)
     assert ground_list_items("none", sentence) == ("none", 0)  # an empty list is an answer
     assert ground_list_items("warfarin; aspirin", sentence) == ("", 2)  # nothing it listed is there
+    # A template written back: its letters are in every sentence, but not as mentions.
+    template = "Chemicals: a; b\nDiseases: c; d"
+    assert ground_list_items(template, sentence) == ("", 4)
+    assert ground_list_items("lithium; ium; a", sentence) == ("lithium", 2)
 
 
 def test_every_list_seed_is_grounded_in_its_own_input():

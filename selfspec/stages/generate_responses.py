@@ -91,17 +91,27 @@ def collapse_repeated_items(text: str, truncated: bool) -> str | None:
     return "\n".join(out).strip() if repeated and out else None
 
 
+def is_span_of(item: str, source: str) -> bool:
+    """`item` occurs in `source` (both normalized) as a whole span, not inside a word: "b"
+    is no mention of "about". A single character is never an entity: it is a template's
+    placeholder ("Chemicals: a; b") written back."""
+    if len(item) < 2:
+        return False
+    return re.search(rf"(?<![a-z0-9]){re.escape(item)}(?![a-z0-9])", source) is not None
+
+
 def ground_list_items(text: str, input: str) -> tuple[str, int]:
-    """A list answer over a given input with the items the input does not contain removed
-    (case and spacing aside): an extracted entity is a span of its text, so an item that is
-    not there was copied from a demo or made up. A typed line left empty says 'none'.
+    """A list answer over a given input with the items the input does not hold as a span
+    removed (case and spacing aside): an extracted entity is a span of its text, so an item
+    that is not there was copied from a demo, made up, or a template's placeholder. A typed
+    line left empty says 'none'.
     -> (the answer, how many items went); the answer is '' when nothing it listed remains."""
     source = normalize_entity(input)
     lines, removed, kept_any, listed_any = [], 0, False, False
     for head, body, items in list_lines(text):
         listed = [i for i in items if i and i.lower() != "none"]
         listed_any = listed_any or bool(listed)
-        grounded = [i for i in listed if normalize_entity(i) in source]
+        grounded = [i for i in listed if is_span_of(normalize_entity(i), source)]
         removed += len(listed) - len(grounded)
         kept_any = kept_any or bool(grounded)
         if head:
