@@ -11,6 +11,12 @@
 
 3. With --adapter DIR: the same answers 0-shot through a trained adapter (did it learn
    the seeds' tasks?), and --skip-instructions leaves out check 1.
+4. With --labels: how the label of a label task is best read from the model, leave-one-out
+   on the seeds whose type has a label set (k seed demos of the type): sampled answers'
+   majority (self-consistency, as generation labels today), log-likelihood over the label
+   set, and log-likelihood calibrated by a content-free input ("N/A", Zhao et al. 2021:
+   each label's score minus its score when the input says nothing). Accuracy against the
+   seed's own label and the labels each method gives.
 
 Usage: python benchmarks/seed_dev_checks.py [--seeds seeds/biomedical.yaml] [--model embedded:smollm2-135m-instruct]
            [--adapter RUN/adapters/NAME] [--skip-instructions]
@@ -23,7 +29,7 @@ import os
 import random
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,9 +38,11 @@ from selfspec.config import ModelConfig  # noqa: E402
 from selfspec.dedup import rouge_l, rouge_tokens  # noqa: E402
 from selfspec.metrics import gold_entities  # noqa: E402
 from selfspec.models import SamplingParams, load_backend  # noqa: E402
+from selfspec.quality import answer_label, label_task, majority_label, task_profiles  # noqa: E402
 from selfspec.seeds import find_seed_file, load_seeds  # noqa: E402
+from selfspec.stages.generate import score_labels  # noqa: E402
 from selfspec.stages.generate_instructions import build_prompt  # noqa: E402
-from selfspec.stages.generate_responses import build_response_messages  # noqa: E402
+from selfspec.stages.generate_responses import RESPONSE_STOPS, build_response_messages  # noqa: E402
 
 SETTINGS = [(1.0, 0.98), (0.7, 0.9), (0.3, 0.9), (0.0, 1.0)]
 
@@ -66,6 +74,8 @@ def main() -> int:
     parser.add_argument("--demos", type=int, default=3)
     parser.add_argument("--adapter", help="a trained adapter directory: also answer 0-shot through it")
     parser.add_argument("--skip-instructions", action="store_true", help="leave out check 1")
+    parser.add_argument("--skip-answers", action="store_true", help="leave out checks 2 and 3")
+    parser.add_argument("--labels", action="store_true", help="run check 4")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     seed_set = load_seeds(find_seed_file(args.seeds))
@@ -76,7 +86,10 @@ def main() -> int:
 
     if not args.skip_instructions:
         check_instructions(backend, seed_set, args.demos)
-    check_answers(backend, seeds, args.demos, adapter="adapter" if args.adapter else None)
+    if not args.skip_answers:
+        check_answers(backend, seeds, args.demos, adapter="adapter" if args.adapter else None)
+    if args.labels:
+        check_labels(backend, seeds, args.demos)
     return 0
 
 
@@ -108,6 +121,37 @@ def check_answers(backend, seeds: list[dict], demos: int, adapter: str | None) -
         scores = [set_f1(o[0].text.strip(), s["output"]) for s, o in zip(seeds, outputs)]
         per_task = " ".join(f"{t}={v:.2f}" for t, v in by_task(seeds, scores).items())
         print(f"  {k}-shot{' through the adapter' if name else ''}: mean {sum(scores) / len(scores):.3f}  {per_task}")
+
+
+def check_labels(backend, seeds: list[dict], demos: int, samples: int = 5, agreement: float = 0.6) -> None:
+    profiles = task_profiles(seeds)
+    rows = [(s, p) for s in seeds if (p := label_task(profiles, s["task"])) and answer_label(s["output"], p)]
+    print(f"\n4. labels, leave-one-out on {len(rows)} seeds of {len({s['task'] for s, _ in rows})} label types, {demos} demos")
+    messages = [build_response_messages(s["instruction"], s["input"], others_of_type(seeds, s, demos)) for s, _ in rows]
+    gold = [answer_label(s["output"], p) for s, p in rows]
+    started = time.perf_counter()
+    params = SamplingParams(temperature=0.7, max_new_tokens=24, stop=RESPONSE_STOPS, seed=0, n=samples)
+    sampled = [majority_label([c.text for c in out], p, agreement)[0] for out, (_, p) in
+               zip(backend.generate(messages, params), rows)]
+    greedy = [answer_label(out[0].text, p) for out, (_, p) in
+              zip(backend.generate(messages, SamplingParams(max_new_tokens=24, stop=RESPONSE_STOPS)), rows)]
+    scores = backend.loglikelihood([(m, label) for m, (_, p) in zip(messages, rows) for label in p.labels])
+    loglik, at = [], 0
+    for _, p in rows:
+        own = scores[at:at + len(p.labels)]
+        loglik.append(p.labels[max(range(len(own)), key=own.__getitem__)])
+        at += len(own)
+    scored = score_labels(backend, [{"instruction": s["instruction"], "messages": m, "labels": list(p.labels)}
+                                    for m, (s, p) in zip(messages, rows)], None)
+    calibrated = [r["output"] for r in scored]
+    print(f"  ({time.perf_counter() - started:.0f}s)  gold labels: {dict(Counter(gold))}")
+    for name, got in (("sampled majority", sampled), ("greedy", greedy), ("log-likelihood", loglik),
+                      ("calibrated log-likelihood", calibrated)):
+        hits = [g == y for g, y in zip(got, gold)]
+        per_task = by_task([s for s, _ in rows], [float(h) for h in hits])
+        print(f"  {name:27s}: accuracy {sum(hits) / len(hits):.3f}  "
+              + " ".join(f"{t}={v:.2f}" for t, v in per_task.items())
+              + f"  labels {dict(Counter(str(g) for g in got))}")
 
 
 if __name__ == "__main__":

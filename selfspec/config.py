@@ -105,6 +105,10 @@ class GenerateConfig(StageConfig):
     # Label tasks (seed answers of a few words): sample this many answers and keep a clear
     # majority (self-consistency); 1 answers greedily. Shares of labels follow the seeds'
     # within label_tolerance times.
+    # label_method "calibrated" reads the label instead from log-likelihood over the seeds'
+    # label set, each label's score less its score for a content-free input ("N/A"; Zhao et
+    # al. 2021): a small model's answers lean to one label whatever the input says.
+    label_method: Literal["sample", "calibrated"] = "sample"
     consistency_samples: int = Field(5, ge=1)
     consistency_agreement: float = Field(0.6, gt=0, le=1)
     consistency_temperature: float = Field(0.7, ge=0)

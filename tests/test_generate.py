@@ -268,3 +268,26 @@ def test_tasks_over_given_passages_collide_only_on_the_same_passage():
         ("Summarize the findings of this abstract in one sentence.", first),  # a copy of one kept just now
     ])]
     assert verdicts == [True, True, False, False]
+
+
+def test_calibrated_labels_are_each_labels_score_less_its_content_free_score(backend):
+    from selfspec.stages.generate import CONTENT_FREE_INPUT, score_labels
+    from selfspec.stages.generate_responses import build_response_messages
+
+    demo = {"instruction": "Classify the sentiment of the sentence.", "input": "Profit fell by half.", "output": "negative"}
+    rows = [
+        {"id": "a", "instruction": "Classify the sentiment of the sentence.", "input": "Sales rose 20% to a record.",
+         "labels": ["positive", "negative", "neutral"]},
+        {"id": "b", "instruction": "Does the sentence report a loss?", "input": "The firm lost EUR 3 million.",
+         "labels": ["yes", "no"]},
+    ]
+    for row in rows:
+        row["messages"] = build_response_messages(row["instruction"], row["input"], [demo])
+    scored = score_labels(backend, rows, None)
+    for row, out in zip(rows, scored):
+        blank = build_response_messages(row["instruction"], CONTENT_FREE_INPUT, [demo])
+        own = backend.loglikelihood([(row["messages"], label) for label in row["labels"]])
+        empty = backend.loglikelihood([(blank, label) for label in row["labels"]])
+        best = max(range(len(own)), key=lambda i: own[i] - empty[i])
+        assert out["output"] == row["labels"][best] and out["samples"] == [out["output"]]
+        assert out["id"] == row["id"] and "messages" not in out and "labels" not in out

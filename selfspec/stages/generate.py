@@ -32,7 +32,7 @@ from selfspec.io import (
     write_parquet,
 )
 from selfspec.models import SamplingParams
-from selfspec.schema import Example, content_id, example_schema, to_alpaca, to_messages
+from selfspec.schema import Example, content_id, example_schema, to_alpaca, to_messages, user_message
 from selfspec.seeds import SeedSet, find_seed_file, load_seeds
 from selfspec.quality import (
     DomainRelevance,
@@ -95,6 +95,31 @@ def write_responses(backend, rows: list[dict[str, Any]], params: SamplingParams,
             "finish_reason": c[0].finish_reason,
             "completion_tokens": sum(x.completion_tokens for x in c),
         })
+    return out
+
+
+CONTENT_FREE_INPUT = "N/A"
+
+
+def score_labels(backend, rows: list[dict[str, Any]], adapter: str | None) -> list[dict[str, Any]]:
+    """Label rows by calibrated log-likelihood: each label of the row's `labels` scored after
+    its prompt, less its score after the same prompt with a content-free input; the best
+    calibrated label is the answer (`samples` holds it alone: no vote to take)."""
+    requests, blanks = [], []
+    for row in rows:
+        blank = [*row["messages"][:-1], {"role": "user", "content": user_message(row["instruction"], CONTENT_FREE_INPUT)}]
+        requests += [(row["messages"], label) for label in row["labels"]]
+        blanks += [(blank, label) for label in row["labels"]]
+    scores = backend.loglikelihood(requests + blanks, adapters=adapter)
+    own, empty = scores[: len(requests)], scores[len(requests) :]
+    out, at = [], 0
+    for row in rows:
+        n = len(row["labels"])
+        calibrated = [own[at + i] - empty[at + i] for i in range(n)]
+        label = row["labels"][max(range(n), key=calibrated.__getitem__)]
+        at += n
+        row = {k: v for k, v in row.items() if k not in ("messages", "max_new_tokens", "labels")}
+        out.append({**row, "output": label, "samples": [label], "finish_reason": "stop", "completion_tokens": 0})
     return out
 
 
@@ -319,12 +344,15 @@ def run_round(
     )
     response_params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
     answered = []
-    for rows, row_params, what in ((labelled, label_params, "labels"), (open_ended, response_params, "responses")):
+    if gen.label_method == "calibrated":
+        labelled = [{**r, "labels": list(profiles[r["task"]].labels)} for r in labelled]
+        label_step = functools.partial(score_labels, adapter=adapter)
+    else:
+        label_step = functools.partial(write_responses, params=label_params, adapter=adapter)
+    response_step = functools.partial(write_responses, params=response_params, adapter=adapter)
+    for rows, step, what in ((labelled, label_step, "labels"), (open_ended, response_step, "responses")):
         if rows:
-            answered += _map(
-                rows, functools.partial(write_responses, params=row_params, adapter=adapter),
-                config, executor, adapters, f"round {round}: {what}",
-            )
+            answered += _map(rows, step, config, executor, adapters, f"round {round}: {what}")
     response_drops: Counter[str] = Counter()
     examples, repairs = answer_rows(answered, profiles, gen, response_drops)
     nodes = sorted({r.get("node_id", "local") for r in raw + answered})
