@@ -40,7 +40,7 @@ from selfspec.metrics import gold_entities  # noqa: E402
 from selfspec.models import SamplingParams, load_backend  # noqa: E402
 from selfspec.quality import answer_label, label_task, majority_label, task_profiles  # noqa: E402
 from selfspec.seeds import find_seed_file, load_seeds  # noqa: E402
-from selfspec.stages.generate import score_labels  # noqa: E402
+from selfspec.stages.generate import best_label, label_scores  # noqa: E402
 from selfspec.stages.generate_instructions import build_prompt  # noqa: E402
 from selfspec.stages.generate_responses import RESPONSE_STOPS, build_response_messages  # noqa: E402
 
@@ -135,15 +135,10 @@ def check_labels(backend, seeds: list[dict], demos: int, samples: int = 5, agree
                zip(backend.generate(messages, params), rows)]
     greedy = [answer_label(out[0].text, p) for out, (_, p) in
               zip(backend.generate(messages, SamplingParams(max_new_tokens=24, stop=RESPONSE_STOPS)), rows)]
-    scores = backend.loglikelihood([(m, label) for m, (_, p) in zip(messages, rows) for label in p.labels])
-    loglik, at = [], 0
-    for _, p in rows:
-        own = scores[at:at + len(p.labels)]
-        loglik.append(p.labels[max(range(len(own)), key=own.__getitem__)])
-        at += len(own)
-    scored = score_labels(backend, [{"instruction": s["instruction"], "messages": m, "labels": list(p.labels)}
-                                    for m, (s, p) in zip(messages, rows)], None)
-    calibrated = [r["output"] for r in scored]
+    own, empty = label_scores(backend, [{"instruction": s["instruction"], "messages": m, "labels": list(p.labels)}
+                                        for m, (s, p) in zip(messages, rows)], None)
+    loglik = [best_label(p.labels, o) for (_, p), o in zip(rows, own)]
+    calibrated = [best_label(p.labels, [a - b for a, b in zip(o, e)]) for (_, p), o, e in zip(rows, own, empty)]
     print(f"  ({time.perf_counter() - started:.0f}s)  gold labels: {dict(Counter(gold))}")
     for name, got in (("sampled majority", sampled), ("greedy", greedy), ("log-likelihood", loglik),
                       ("calibrated log-likelihood", calibrated)):

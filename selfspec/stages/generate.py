@@ -101,23 +101,31 @@ def write_responses(backend, rows: list[dict[str, Any]], params: SamplingParams,
 CONTENT_FREE_INPUT = "N/A"
 
 
-def score_labels(backend, rows: list[dict[str, Any]], adapter: str | None) -> list[dict[str, Any]]:
-    """Label rows by calibrated log-likelihood: each label of the row's `labels` scored after
-    its prompt, less its score after the same prompt with a content-free input; the best
-    calibrated label is the answer (`samples` holds it alone: no vote to take)."""
+def label_scores(backend, rows: list[dict[str, Any]], adapter: str | None) -> tuple[list[list[float]], list[list[float]]]:
+    """Per row, each label of its `labels` scored (log-likelihood) after the row's prompt, and
+    after the same prompt with a content-free input."""
     requests, blanks = [], []
     for row in rows:
         blank = [*row["messages"][:-1], {"role": "user", "content": user_message(row["instruction"], CONTENT_FREE_INPUT)}]
         requests += [(row["messages"], label) for label in row["labels"]]
         blanks += [(blank, label) for label in row["labels"]]
-    scores = backend.loglikelihood(requests + blanks, adapters=adapter)
-    own, empty = scores[: len(requests)], scores[len(requests) :]
-    out, at = [], 0
-    for row in rows:
-        n = len(row["labels"])
-        calibrated = [own[at + i] - empty[at + i] for i in range(n)]
-        label = row["labels"][max(range(n), key=calibrated.__getitem__)]
-        at += n
+    scores = iter(backend.loglikelihood(requests + blanks, adapters=adapter))
+    own = [[next(scores) for _ in row["labels"]] for row in rows]
+    empty = [[next(scores) for _ in row["labels"]] for row in rows]
+    return own, empty
+
+
+def best_label(labels: list[str], scores: list[float]) -> str:
+    return labels[max(range(len(labels)), key=scores.__getitem__)]
+
+
+def score_labels(backend, rows: list[dict[str, Any]], adapter: str | None) -> list[dict[str, Any]]:
+    """Label rows by calibrated log-likelihood: each label's score after the row's prompt less
+    its score after a content-free input; the best calibrated label is the answer (`samples`
+    holds it alone: no vote to take)."""
+    out = []
+    for row, own, empty in zip(rows, *label_scores(backend, rows, adapter)):
+        label = best_label(row["labels"], [a - b for a, b in zip(own, empty)])
         row = {k: v for k, v in row.items() if k not in ("messages", "max_new_tokens", "labels")}
         out.append({**row, "output": label, "samples": [label], "finish_reason": "stop", "completion_tokens": 0})
     return out
