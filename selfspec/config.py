@@ -251,6 +251,9 @@ class RetrievalConfig(StageConfig):
     # With passage_as_input: how many of the top_k a prompt for a task without input shows
     # (None: all top_k); each passage adds its length to every such prompt's prefill.
     context_passages: int | None = Field(None, ge=1)
+    # With passage_as_input: task types whose inputs the model writes itself, as without
+    # retrieval (their seed inputs take a form no passage has, e.g. marked entity pairs).
+    written_input_tasks: list[str] = []
     replicas: int = Field(1, ge=1)  # retrieval actors that serve generation's queries
     index_dir: str | None = None  # default: <run dir>/index
     # Hybrid fuses the top `fusion_depth` of each method. convex (default): dense_weight * dense +

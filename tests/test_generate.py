@@ -68,6 +68,43 @@ def test_response_filters():
     assert response_drop_reason("Metformin is a biguanide that lowers hepatic glucose output.", "stop") is None
 
 
+def test_an_answer_that_repeats_a_seed_answer_of_its_type_is_dropped():
+    """A pretrained base copies its demos' answers: Gemma 3 270M answered 18 of 81 longer
+    biomedical rows with a seed's answer, word for word, on a passage of their own."""
+    from collections import Counter
+
+    from selfspec.quality import task_profiles
+    from selfspec.seeds import load_seeds
+    from selfspec.stages.generate import answer_rows
+
+    seeds = load_seeds("seeds/biomedical.yaml").seeds
+    summary = next(s for s in seeds if s["task"] == "summarization")
+    seed_answers: dict[str, list[list[str]]] = {}
+    for seed in seeds:
+        seed_answers.setdefault(seed["task"], []).append(rouge_tokens(seed["output"]))
+    passage = "Deficiency of the ninth component of human complement (C9) is common in Japan."
+
+    def row(n: int, task: str, output: str) -> dict:
+        return {
+            "id": f"r{n}", "task": task, "instruction": "Summarize the abstract in one sentence.", "input": passage,
+            "domain": "biomedical", "seed_ids": [], "passage_ids": [], "model": "m", "adapter": "", "round": 1,
+            "config_hash": "h", "output": output, "samples": [output], "finish_reason": "stop", "completion_tokens": 9,
+        }
+
+    gen = load_config("default").generate
+    answered = [
+        row(0, "summarization", summary["output"]),
+        row(1, "summarization", summary["output"].rstrip(".") + " in most patients."),
+        row(2, "summarization", "C9 deficiency is the most common complement deficiency in Japan."),
+        row(3, "open_qa", summary["output"]),  # another type's seed answer: not this filter's call
+    ]
+    drops: Counter = Counter()
+    examples, _ = answer_rows(answered, task_profiles(seeds), gen, drops, seed_answers)
+    assert [e["id"] for e in examples] == ["r2", "r3"]
+    assert drops == {"copied_seed_answer": 2}
+    assert answer_rows(answered, task_profiles(seeds), gen, Counter())[0][0]["id"] == "r0"  # no seed answers given
+
+
 def test_list_answers_that_loop_are_cut_to_their_distinct_items():
     looped = "duchenne muscular dystrophy; myotonic dystrophy; Myotonic dystrophy; myotonic dystrophy; myoto"
     assert collapse_repeated_items(looped, truncated=True) == "duchenne muscular dystrophy; myotonic dystrophy"

@@ -209,6 +209,31 @@ def test_fixed_query_and_passage_as_input_shape_the_prompt(tmp_path):
             assert not row["given_input"] and PASSAGE_AS_INPUT.strip() in row["prompt"] and "[1] Gout: Gout flares" in row["prompt"]
 
 
+def test_written_input_tasks_write_their_own_inputs_beside_the_passages(tmp_path):
+    from selfspec.config import ConfigError
+    from selfspec.stages.generate import load_seed_sets
+    from selfspec.stages.generate_instructions import make_prompt_rows
+    from selfspec.stages.retrieve import PASSAGE_AS_INPUT
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    common = ("retrieval.query=urate crystals", "retrieval.passage_as_input=true", "retrieval.top_k=1")
+    config = config_for(tmp_path, corpus, *common)
+    seeds = load_seed_sets(config)[0]
+    prompts = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, 24, 3, 0, 1)
+    given = PromptGrounder.from_config(config, RunDir(str(tmp_path / "r")), executor="local").ground(prompts, seeds)
+    written = sorted({r["task"] for r in given if r["given_input"]})[0]
+    config = config_for(tmp_path, corpus, *common, f"retrieval.written_input_tasks=[{written}]")
+    grounded = PromptGrounder.from_config(config, RunDir(str(tmp_path / "r")), executor="local").ground(prompts, seeds)
+    for before, row in zip(given, grounded):
+        if row["task"] == written:
+            assert not row["given_input"] and PASSAGE_AS_INPUT.strip() in row["prompt"] and "[1] Gout:" in row["prompt"]
+        else:
+            assert row["given_input"] == before["given_input"]
+    config = config_for(tmp_path, corpus, *common, "retrieval.written_input_tasks=[chemprot_relation]")
+    with pytest.raises(ConfigError, match="retrieval.written_input_tasks: chemprot_relation is not a task type"):
+        PromptGrounder.from_config(config, RunDir(str(tmp_path / "r")), executor="local").ground(prompts, seeds)
+
+
 def test_tasks_without_input_see_only_context_passages(tmp_path):
     from selfspec.stages.generate import load_seed_sets
     from selfspec.stages.generate_instructions import make_prompt_rows

@@ -18,7 +18,7 @@ from typing import Any
 
 from selfspec.config import ConfigError, RunConfig, dump_config
 from selfspec.data_profile import profile
-from selfspec.dedup import InputScopedDeduper, RougeDeduper
+from selfspec.dedup import InputScopedDeduper, RougeDeduper, rouge_tokens
 from selfspec.execution import map_with_model
 from selfspec.io import (
     RunDir,
@@ -58,6 +58,7 @@ from selfspec.stages.generate_responses import (
     RESPONSE_STOPS,
     clean_response,
     collapse_repeated_items,
+    copies_seed_answer,
     ground_list_items,
     response_drop_reason,
     response_rows,
@@ -212,12 +213,19 @@ def parse_round(raw: list[dict[str, Any]], gen, drops: Counter) -> list[dict[str
 
 
 def answer_rows(
-    answered: list[dict[str, Any]], profiles: dict[str, TaskProfile], gen, drops: Counter
+    answered: list[dict[str, Any]],
+    profiles: dict[str, TaskProfile],
+    gen,
+    drops: Counter,
+    seed_answers: dict[str, list[list[str]]] | None = None,
 ) -> tuple[list[Example], dict[str, int]]:
     """Examples from answered rows, and counts of the list answers repaired (cut out of a
     loop; items not in the input removed). A label task keeps the label a clear majority of
-    its sampled answers names (spelled as in the seeds); other tasks keep the greedy answer."""
+    its sampled answers names (spelled as in the seeds); other tasks keep the greedy answer,
+    unless it repeats a seed answer of its type (`seed_answers`: task -> `rouge_tokens` of
+    each seed's output)."""
     examples, repaired, ungrounded = [], 0, 0
+    seed_answers = seed_answers or {}
     for row in sorted(answered, key=lambda r: r["id"]):
         profile = label_task(profiles, row["task"])
         if profile is not None:
@@ -245,6 +253,8 @@ def answer_rows(
             over_budget = reason == "truncated_response" and row["completion_tokens"] < gen.response_max_new_tokens
             if over_budget or (reason is None and off_form(row["output"], task_profile)):
                 reason = "off_form"  # longer than its type's seed-sized budget, or than off_form allows
+            if reason is None and copies_seed_answer(row["output"], seed_answers.get(row["task"], []), gen.rouge_threshold):
+                reason = "copied_seed_answer"
             if reason:
                 drops[reason] += 1
                 continue
@@ -362,7 +372,10 @@ def run_round(
         if rows:
             answered += _map(rows, step, config, executor, adapters, f"round {round}: {what}")
     response_drops: Counter[str] = Counter()
-    examples, repairs = answer_rows(answered, profiles, gen, response_drops)
+    seed_answers: dict[str, list[list[str]]] = {}
+    for seed in seeds.seeds:
+        seed_answers.setdefault(seed["task"], []).append(rouge_tokens(seed["output"]))
+    examples, repairs = answer_rows(answered, profiles, gen, response_drops, seed_answers)
     nodes = sorted({r.get("node_id", "local") for r in raw + answered})
     return {
         "examples": examples,

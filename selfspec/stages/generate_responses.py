@@ -11,6 +11,7 @@ import random
 import re
 from typing import Any
 
+from selfspec.dedup import rouge_l, rouge_tokens
 from selfspec.metrics import normalize_entity
 from selfspec.schema import Seed, user_message
 
@@ -54,6 +55,20 @@ def response_drop_reason(text: str, finish_reason: str, input: str = "") -> str 
     if is_degenerate(text):
         return "degenerate_response"
     return None
+
+
+# Answers this short ("none", a label, a name) may repeat a seed's answer by right.
+MIN_COPIED_WORDS = 4
+
+
+def copies_seed_answer(text: str, seed_answers: list[list[str]], threshold: float) -> bool:
+    """The answer repeats one of its task type's seed answers (ROUGE-L at or above
+    `threshold` against the seed answer's `rouge_tokens`) on an input of its own: a small
+    base model copies its demos' answers instead of answering."""
+    tokens = rouge_tokens(text)
+    if len(tokens) < MIN_COPIED_WORDS:
+        return False
+    return any(rouge_l(tokens, answer) >= threshold for answer in seed_answers)
 
 
 TYPED_LINE = re.compile(r"^(\s*[A-Za-z][\w ]{0,30}:\s*)(.*)$")

@@ -23,7 +23,7 @@ import textwrap
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -314,12 +314,14 @@ class PromptGrounder:
         passage_as_input: bool = False,
         excluded: Callable[[Hit], bool] | None = None,
         context_passages: int | None = None,
+        written_input_tasks: Sequence[str] = (),
     ):
         self.search = search
         self.top_k = top_k
         self.query = query
         self.passage_as_input = passage_as_input
         self.context_passages = context_passages or top_k
+        self.written_input_tasks = set(written_input_tasks)  # types whose inputs the model writes
         self.excluded = excluded  # e.g. passages that share n-grams with an evaluation task
         self.given: set[tuple[str, str]] = set()  # (passage id, task type) already used as an input
         self._verdicts: dict[str, bool] = {}
@@ -353,7 +355,14 @@ class PromptGrounder:
             search = retriever.search
         else:
             search = RetrievalActorPool(files, manifest, search_settings(config), r.replicas, r.num_cpus_per_retriever).search
-        return cls(search, r.top_k, r.query, r.passage_as_input, context_passages=r.context_passages)
+        return cls(
+            search,
+            r.top_k,
+            r.query,
+            r.passage_as_input,
+            context_passages=r.context_passages,
+            written_input_tasks=r.written_input_tasks,
+        )
 
     def ground(self, prompts: list[dict[str, Any]], seeds: SeedSet) -> list[dict[str, Any]]:
         """Rows with `prompt` rebuilt around their retrieved passages and `passage_ids` set.
@@ -361,11 +370,19 @@ class PromptGrounder:
         With `passage_as_input`, a row of a task type whose seeds take an input gets one
         retrieved passage (drawn among the top k, preferring one this grounder has not given
         to that type yet, cut to about twice the seeds' input length) as its input, and the
-        model writes only the instruction for it."""
+        model writes only the instruction for it; types in `written_input_tasks` (inputs of a
+        form no passage has, such as marked sentences) see the passages as context instead and
+        the model writes their inputs."""
         from selfspec.quality import fit_passage, task_profiles
 
         by_id = {s["id"]: s for s in seeds.seeds}
         profiles = task_profiles(seeds.seeds)
+        unknown = sorted(self.written_input_tasks - set(profiles))
+        if unknown:
+            raise ConfigError(
+                f"retrieval.written_input_tasks: {', '.join(unknown)} is not a task type of the seeds "
+                f"({', '.join(profiles)})"
+            )
         demos = [[by_id[i] for i in row["seed_ids"]] for row in prompts]
         queries = [self.query or seed_query(d) for d in demos]
         unique = sorted(set(queries))
@@ -375,7 +392,8 @@ class PromptGrounder:
         out = []
         for row, row_demos, query in zip(prompts, demos, queries):
             profile = profiles.get(row.get("task", ""))
-            if self.passage_as_input and profile and profile.input_words and hits[query]:
+            passage_input = profile and profile.input_words and row["task"] not in self.written_input_tasks
+            if self.passage_as_input and passage_input and hits[query]:
                 # A passage not yet given to this task type, when one is left: the same passage
                 # under the same kind of task makes a near-duplicate.
                 fresh = [h for h in hits[query] if (h["id"], row["task"]) not in self.given] or hits[query]
