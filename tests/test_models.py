@@ -427,3 +427,34 @@ def test_long_prompts_run_in_smaller_batches_with_the_same_outputs(fp32_backend)
     assert chunks == [2, 3]
     assert [len(c) for _, c in fp32_backend._chunks(rows, lengths, params)] == [5]
     assert small.generate(prompts, params) == fp32_backend.generate(prompts, params)
+
+
+def test_prompts_start_with_bos_where_the_tokenizer_puts_one(fp32_backend):
+    """Gemma and Llama need their BOS token; SmolLM2's tokenizer adds none. Inference,
+    log-likelihood and training tokenize prompts alike, and a text that already starts with
+    the token (a chat template's) does not get a second."""
+    from transformers import AutoTokenizer
+
+    from selfspec.models import prompt_ids
+    from selfspec.models.resolve import embedded_gguf_path, gguf_adds_bos
+    from selfspec.stages.train import tokenize_example
+
+    plain = fp32_backend.tokenizer
+    assert not gguf_adds_bos(embedded_gguf_path("smollm2-135m-instruct"))
+    try:
+        assert gguf_adds_bos(embedded_gguf_path("gemma3-270m"))  # where its package is installed
+    except ModelNotFoundError:
+        pass
+    assert prompt_ids(plain, "Is aspirin an NSAID?") == plain("Is aspirin an NSAID?", add_special_tokens=False)["input_ids"]
+    with_bos = AutoTokenizer.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"), add_bos_token=True)
+    bos = with_bos.bos_token_id
+    assert with_bos("")["input_ids"] == [bos]
+    text = "### Instruction:\nIs aspirin an NSAID?\n\n### Response:\n"
+    body = with_bos(text, add_special_tokens=False)["input_ids"]
+    assert prompt_ids(with_bos, text) == [bos, *body]
+    assert prompt_ids(with_bos, with_bos.bos_token + text)[:2] == [bos, body[0]]
+    record, _ = tokenize_example({"instruction": "Is aspirin an NSAID?", "input": "", "output": "yes"}, with_bos, "alpaca", 64)
+    assert record["input_ids"][: len(body) + 1] == [bos, *body]
+    backend = dataclasses.replace(fp32_backend, tokenizer=with_bos)
+    assert backend.encode([{"role": "user", "content": "Hi"}])[0] == bos
+    assert backend.split_request("Q: Is aspirin an NSAID?\nA:", " yes")[0][0] == bos

@@ -74,6 +74,16 @@ class Completion:
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt, led by the BOS token where the tokenizer's own default
+    puts one (Gemma, Llama: such models need it), unless the text (a chat template) writes it."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos] and tokenizer("")["input_ids"][:1] == [bos]:
+        ids = [bos, *ids]
+    return ids
+
+
 @dataclass
 class ModelBackend(ABC):
     """A loaded model that generates and scores text, optionally through LoRA adapters.
@@ -102,7 +112,7 @@ class ModelBackend(ABC):
         """The prompt's token ids: token ids as given, anything else tokenized from `render`."""
         if is_token_ids(prompt):
             return list(prompt)
-        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+        return prompt_ids(self.tokenizer, self.render(prompt))
 
     def count_tokens(self, prompt: Prompt) -> int:
         """Number of tokens the rendered prompt takes."""
@@ -134,7 +144,7 @@ class ModelBackend(ABC):
         ctx = self.render(context)
         # Trailing spaces belong to the continuation (as lm-evaluation-harness does).
         stripped = ctx.rstrip(" ")
-        ctx_ids = self.tokenizer(stripped, add_special_tokens=False)["input_ids"]
+        ctx_ids = prompt_ids(self.tokenizer, stripped)
         cont_ids = self.tokenizer(ctx[len(stripped) :] + continuation, add_special_tokens=False)["input_ids"]
         if not ctx_ids or not cont_ids:
             raise ValueError("loglikelihood needs a non-empty context and continuation")

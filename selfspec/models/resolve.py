@@ -73,6 +73,18 @@ def embedded_gguf_path(name: str) -> Path:
     return ggufs[0]
 
 
+def gguf_adds_bos(gguf: Path) -> bool:
+    """The GGUF file's tokenizer.ggml.add_bos_token (False when absent)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field is not None and field.data and field.parts[field.data[0]][0])
+
+
+# Bumped when a conversion fix changes what the cache holds (2: the GGUF's BOS setting kept).
+CONVERSION_VERSION = 2
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF file once and save model and tokenizer as safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,6 +92,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if gguf_adds_bos(gguf):
+            # transformers' GGUF loader drops tokenizer.ggml.add_bos_token; Gemma without its
+            # BOS token writes "### Response:" back instead of answering.
+            tokenizer.add_bos_token = True
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # Dequantized weights are plain tensors; drop the GGUF quantizer so they save.
         model.hf_quantizer = None
@@ -105,7 +121,7 @@ def resolve_model(ref: str) -> str:
     """
     if ref.startswith("embedded:"):
         gguf = embedded_gguf_path(ref.split(":", 1)[1])
-        target = cache_dir() / "models" / f"{gguf.stem}-{file_digest(gguf)}"
+        target = cache_dir() / "models" / f"{gguf.stem}-{file_digest(gguf)}-v{CONVERSION_VERSION}"
         if not (target / "config.json").exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             _convert_gguf(gguf, target)

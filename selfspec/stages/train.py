@@ -92,7 +92,9 @@ def tokenize_example(
     if not example["output"].strip():
         return None, "empty_output"
     prompt, response = render_example(example, tokenizer, template)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    from selfspec.models import prompt_ids as encode_prompt
+
+    prompt_ids = encode_prompt(tokenizer, prompt)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if len(prompt_ids) >= max_seq_len:
         return None, "prompt_too_long"
