@@ -95,6 +95,29 @@ def domain_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[tuple[str
     return header, rows
 
 
+BEST_REFERENCE_TITLE = "Against the reference's best scoring"
+BEST_REFERENCE_NOTE = (
+    "Each model's headline domain average less the reference's best domain average under either "
+    "scoring, with a paired 95% CI: a gain there is more than answer format."
+)
+
+
+def best_reference_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[tuple[str, str]]]]:
+    header = ["Model", "Domain", "Shots", f"{metrics['reference']} best (scoring)", "model", "Δ"]
+    rows = []
+    for model, by_domain in metrics.get("against_best_reference", {}).items():
+        for domain, by_shot in by_domain.items():
+            for shot, entry in by_shot.items():
+                mine = metrics["domains"][model][domain][shot]["primary"]
+                rows.append([
+                    (model, ""), (domain, ""), (shot, ""),
+                    (f"{entry['reference']:.3f} ({entry['reference_scoring']})", ""),
+                    (f"{mine:.3f}", ""),
+                    (fmt_delta(entry), delta_sign(entry)),
+                ])
+    return header, rows
+
+
 def verdicts(metrics: dict[str, Any]) -> list[str]:
     """One line per compared model: on how many (task, shot) pairs its first metric is
     significantly above, below or level with the reference (paired 95% CI)."""
@@ -186,6 +209,8 @@ def render_markdown(metrics: dict[str, Any]) -> str:
             "",
             _markdown_table(*domain_rows(view)),
         ]
+    if metrics.get("against_best_reference"):
+        parts += ["", f"## {BEST_REFERENCE_TITLE}", "", BEST_REFERENCE_NOTE, "", _markdown_table(*best_reference_rows(metrics))]
     if metrics.get("command"):
         parts += ["", f"Reproduce: `{metrics['command']}`"]
     return "\n".join(parts) + "\n"
@@ -405,6 +430,11 @@ def render_html(
             _html_table(*table_rows(view)),
             f"<p class='note'>{html.escape(OTHER_SCORING_NOTE)}</p>",
             _html_table(*domain_rows(view)),
+        ]
+    if metrics.get("against_best_reference"):
+        parts += [
+            f"<h2>{BEST_REFERENCE_TITLE}</h2><p class='note'>{html.escape(BEST_REFERENCE_NOTE)}</p>",
+            _html_table(*best_reference_rows(metrics)),
         ]
     if summary:
         parts += ["<h2>Data generation</h2>", _img(funnel_figure(summary), "data generation funnel")]

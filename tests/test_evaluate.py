@@ -386,8 +386,16 @@ def test_both_scorings_report_each_figure(fp32_backend, tmp_path):
     # Generation-only tasks carry the same figures in both.
     assert loglik["results"]["base"]["diseases"] == metrics["results"]["base"]["diseases"]
 
+    # The copy against the base's best scoring: the best figure, and zero only where it is the headline's.
+    best = metrics["against_best_reference"]["copy"]["biomedical"]["0"]
+    figures = {s: section["domains"]["base"]["biomedical"]["0"]["primary"] for s, section in (("generate", metrics), ("loglik", loglik))}
+    assert best["reference_scoring"] == max(figures, key=figures.get) and best["reference"] == max(figures.values())
+    assert best["value"] == round(figures["generate"] - max(figures.values()), 6)
+    assert best["ci_low"] <= best["value"] <= best["ci_high"]
+
     text = render_markdown(metrics)
     assert "## Choice tasks scored by log-likelihood over the label set" in text
+    assert "## Against the reference's best scoring" in text
     assert text.count("| yesno | biomedical | 0 | accuracy |") == 2
     decision = decide_promotion(metrics, "copy", "biomedical", ServeConfig())
     assert not decision.passed and decision.checks[0]["delta"] == 0.0

@@ -486,7 +486,39 @@ def score_section(
             for model, values in task_boots.items():
                 boots[(model, task.name, str(shot))] = values
     domains, domain_deltas = domain_averages(tasks, scores, boots, cfg.shots, reference)
-    return {"results": scores, "deltas": deltas, "domains": domains, "domain_deltas": domain_deltas}
+    return {"results": scores, "deltas": deltas, "domains": domains, "domain_deltas": domain_deltas}, boots
+
+
+def against_best_reference(
+    tasks: list[Task], sections: dict[str, dict[str, Any]], boots: dict[str, dict[tuple[str, str, str], np.ndarray]],
+    headline: str, reference: str, shots: list[int],
+) -> dict[str, Any]:
+    """Per other model, domain and shot: its headline domain average less the reference's best
+    domain average under any scoring (the issue's "beats the base's best figure": a gain that
+    is more than answer format), with a paired CI; every scoring of a task shares its
+    bootstrap resamples, so the pairs hold across scorings."""
+    out: dict[str, Any] = {}
+    for model in sections[headline]["domains"]:
+        if model == reference:
+            continue
+        for domain, by_shot in sections[headline]["domains"][model].items():
+            members = [t for t in tasks if t.domain == domain]
+            for shot in map(str, shots):
+                best = max(sections, key=lambda s: sections[s]["domains"][reference][domain][shot]["primary"])
+                ref_value = sections[best]["domains"][reference][domain][shot]["primary"]
+                entry: dict[str, Any] = {
+                    "reference_scoring": best,
+                    "reference": ref_value,
+                    "value": round(by_shot[shot]["primary"] - ref_value, 6),
+                    "ci_low": None,
+                    "ci_high": None,
+                }
+                if boots[headline]:
+                    mine = np.mean([boots[headline][(model, t.name, shot)] for t in members], axis=0)
+                    theirs = np.mean([boots[best][(reference, t.name, shot)] for t in members], axis=0)
+                    entry["ci_low"], entry["ci_high"] = (round(x, 6) for x in interval(mine - theirs))
+                out.setdefault(model, {}).setdefault(domain, {})[shot] = entry
+    return out
 
 
 def summarize(
@@ -497,12 +529,18 @@ def summarize(
 
     `results`, `deltas`, `domains` and `domain_deltas` hold the headline scoring
     (`scorings[0]`: generation under eval.scoring=both); `by_scoring` holds the same
-    four for each other scoring (log-likelihood under both), keyed by its name.
+    four for each other scoring (log-likelihood under both), keyed by its name; with more
+    than one scoring, `against_best_reference` holds each model's headline domain average
+    less the reference's best under any scoring, with a paired CI.
     """
     cfg = config.eval
     reference = BASE if BASE in models else next(iter(models))
     scorings = scorings_of(cfg.scoring)
-    sections = {s: score_section(tasks, models, predictions, config, reference, s) for s in scorings}
+    scored = {s: score_section(tasks, models, predictions, config, reference, s) for s in scorings}
+    sections = {s: section for s, (section, _) in scored.items()}
+    best = {}
+    if len(scorings) > 1 and len(models) > 1:
+        best = against_best_reference(tasks, sections, {s: b for s, (_, b) in scored.items()}, scorings[0], reference, cfg.shots)
     metrics = {
         "run": config.name,
         "model_ref": config.model.ref,
@@ -527,6 +565,7 @@ def summarize(
         },
         **sections[scorings[0]],
         "by_scoring": {s: sections[s] for s in scorings[1:]},
+        **({"against_best_reference": best} if best else {}),
     }
     return metrics
 
