@@ -7,6 +7,7 @@ selfspec never pulls torch or vllm.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -74,14 +75,19 @@ class Completion:
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
+@functools.lru_cache(maxsize=16)
+def leading_bos(tokenizer) -> tuple[int, ...]:
+    """(BOS id,) when the tokenizer's own default starts every text with it, else ()."""
+    bos = tokenizer.bos_token_id
+    return (bos,) if bos is not None and tokenizer("")["input_ids"][:1] == [bos] else ()
+
+
 def prompt_ids(tokenizer, text: str) -> list[int]:
     """Token ids of a rendered prompt, led by the BOS token where the tokenizer's own default
     puts one (Gemma, Llama: such models need it), unless the text (a chat template) writes it."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and ids[:1] != [bos] and tokenizer("")["input_ids"][:1] == [bos]:
-        ids = [bos, *ids]
-    return ids
+    bos = leading_bos(tokenizer)
+    return [*bos, *ids] if bos and ids[:1] != list(bos) else ids
 
 
 @dataclass
