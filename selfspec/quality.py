@@ -44,6 +44,7 @@ class TaskProfile:
     labels: tuple[str, ...]  # label set (seed spelling), empty for open-ended types
     label_shares: dict[str, float]  # normalized label -> share among the type's seeds
     list_answers: bool = False  # most seed answers are '; '-separated lists (entity lists)
+    input_required: bool = False  # every seed of the type has an input
 
     @property
     def labelled(self) -> bool:
@@ -79,6 +80,7 @@ def task_profiles(seeds: Sequence[Seed]) -> dict[str, TaskProfile]:
             labels=labels,
             label_shares=shares,
             list_answers=2 * sum(";" in s["output"] for s in members) > len(members),
+            input_required=all(s["input"].strip() for s in members),
         )
     return profiles
 

@@ -16,6 +16,7 @@ import pytest
 from selfspec.config import load_config
 from selfspec.dedup import RougeDeduper, rouge_l, rouge_tokens
 from selfspec.io import RunDir, read_json, read_parquet
+from selfspec.seeds import load_seeds
 from selfspec.stages.generate_instructions import build_prompt, instruction_drop_reason, parse_tasks
 from selfspec.stages.generate_responses import collapse_repeated_items, ground_list_items, is_degenerate, response_drop_reason
 
@@ -74,7 +75,6 @@ def test_an_answer_that_repeats_a_seed_answer_of_its_type_is_dropped():
     from collections import Counter
 
     from selfspec.quality import task_profiles
-    from selfspec.seeds import load_seeds
     from selfspec.stages.generate import answer_rows
 
     seeds = load_seeds("seeds/biomedical.yaml").seeds
@@ -103,6 +103,33 @@ def test_an_answer_that_repeats_a_seed_answer_of_its_type_is_dropped():
     assert [e["id"] for e in examples] == ["r2", "r3"]
     assert drops == {"copied_seed_answer": 2}
     assert answer_rows(answered, task_profiles(seeds), gen, Counter())[0][0]["id"] == "r0"  # no seed answers given
+
+
+def test_a_task_without_input_is_dropped_where_every_seed_of_its_type_has_one():
+    from collections import Counter
+
+    from selfspec.quality import task_profiles
+    from selfspec.stages.generate import parse_round
+
+    seeds = load_seeds("seeds/biomedical.yaml").seeds
+    profiles = task_profiles(seeds)
+    assert profiles["chemical_protein_relation"].input_required and not profiles["open_qa"].input_required
+    marked = "<< Aspirin >> irreversibly inhibits [[ cyclooxygenase-1 ]] in platelets."
+
+    def raw(task: str, completion: str) -> dict:
+        return {"task": task, "completion": completion, "finish_reason": "stop", "given_input": ""}
+
+    rows = [
+        raw("chemical_protein_relation", " Name the relation between the marked chemical and protein.\nOutput: x"),
+        raw("chemical_protein_relation", f" Name the relation between the marked chemical and protein.\nInput: {marked}\nOutput: x"),
+        raw("open_qa", " Which enzyme does aspirin inhibit irreversibly in platelets?\nOutput: x"),
+    ]
+    gen = load_config("default").generate
+    drops: Counter = Counter()
+    items = parse_round(rows, gen, drops, profiles)
+    assert [(i["row"]["task"], i["input"]) for i in items] == [("chemical_protein_relation", marked), ("open_qa", "")]
+    assert drops == {"missing_input": 1}
+    assert len(parse_round(rows, gen, Counter())) == 3  # no profiles: no type to compare with
 
 
 def test_list_answers_that_loop_are_cut_to_their_distinct_items():

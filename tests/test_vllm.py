@@ -151,18 +151,18 @@ def test_serve_runs_on_vllm_with_the_openai_client(tmp_path, adapters):
     command = [sys.executable, "-m", "selfspec.cli", "serve", f"runs_dir={runs}", "model.backend=vllm",
                "model.max_model_len=2048", "model.cpu_kv_cache_gib=1", f"serve.port={port}", "serve.api_key=k",
                f"serve.adapter_dirs=[{runs}/*/adapters]", "serve.num_cpus_per_replica=1"]
-    server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "serve.log"
+    server = subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=120)
     try:
+        # Serve's proxy listens (and answers 404) while the app deploys; the app is up once
+        # the command says where it serves, as a user would wait.
         deadline = time.monotonic() + 420
-        while True:
-            try:
-                models = {m.id for m in client.models.list().data}
-                break
-            except openai.APIConnectionError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"serve did not start:\n{server.stdout.read()[-3000:]}") from None
-                time.sleep(3)
+        while "serving http://" not in log.read_text():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"serve did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(3)
+        models = {m.id for m in client.models.list().data}
         assert {"base", "bio", "fin"} <= models
         answers = {
             name: client.chat.completions.create(model=name, messages=QUESTIONS[0], max_tokens=12, temperature=0)

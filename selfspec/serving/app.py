@@ -471,7 +471,7 @@ def cli(config: RunConfig, args) -> int:
     serve.start(http_options={"host": limits.host, "port": limits.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     names = AdapterRegistry.from_config(absolute_paths(config)).names()
-    print(f"serving http://{limits.host}:{limits.port}/v1 : base + {len(names)} adapters ({', '.join(names[:8])})")
+    print(f"serving http://{limits.host}:{limits.port}/v1 : base + {len(names)} adapters ({', '.join(names[:8])})", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -191,9 +191,13 @@ def _map(rows, fn, config: RunConfig, executor: str, adapters, desc: str):
 
 
 # -- one round ---------------------------------------------------------------------
-def parse_round(raw: list[dict[str, Any]], gen, drops: Counter) -> list[dict[str, Any]]:
+def parse_round(
+    raw: list[dict[str, Any]], gen, drops: Counter, profiles: dict[str, TaskProfile] | None = None
+) -> list[dict[str, Any]]:
     """Parsed, filtered (instruction, input) items of a round's completions, with the row
-    they came from; every drop is counted by reason in `drops`."""
+    they came from; every drop is counted by reason in `drops`. A task without an input is
+    dropped ("missing_input") where every seed of its type has one (`profiles`)."""
+    profiles = profiles or {}
     items = []
     for row in raw:
         truncated = row["finish_reason"] == "length"
@@ -205,6 +209,9 @@ def parse_round(raw: list[dict[str, Any]], gen, drops: Counter) -> list[dict[str
             reason = item["error"] or instruction_drop_reason(
                 item["instruction"], item["input"], gen.min_words, gen.max_words, gen.blacklist
             )
+            profile = profiles.get(row["task"])
+            if reason is None and not item["input"] and profile is not None and profile.input_required:
+                reason = "missing_input"
             if reason:
                 drops[reason] += 1
             else:
@@ -306,7 +313,7 @@ def run_round(
             raw += _map(rows, functools.partial(write_instructions, params=row_params, adapter=adapter), config, executor, adapters, f"round {round}: instructions")
     raw.sort(key=lambda r: r["prompt_id"])
     drops: Counter[str] = Counter()
-    items = parse_round(raw, gen, drops)
+    items = parse_round(raw, gen, drops, profiles)
     raw_count = len(items) + sum(drops.values())
     if relevance is not None and items:
         scores = relevance.scores([task_text(i["instruction"], i["input"]) for i in items])
