@@ -13,6 +13,7 @@ Every threshold here is set from the seeds (never from evaluation data):
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class TaskProfile:
     label_shares: dict[str, float]  # normalized label -> share among the type's seeds
     list_answers: bool = False  # most seed answers are '; '-separated lists (entity lists)
     input_required: bool = False  # every seed of the type has an input
+    input_fields: tuple[str, ...] = ()  # labelled lines every seed input has ("Abstract", "Question")
 
     @property
     def labelled(self) -> bool:
@@ -81,8 +83,26 @@ def task_profiles(seeds: Sequence[Seed]) -> dict[str, TaskProfile]:
             label_shares=shares,
             list_answers=2 * sum(";" in s["output"] for s in members) > len(members),
             input_required=all(s["input"].strip() for s in members),
+            input_fields=input_fields([s["input"] for s in members]),
         )
     return profiles
+
+
+FIELD_LINE = re.compile(r"^([A-Z][A-Za-z0-9 ]{0,24}):\s")
+
+
+def input_fields(inputs: Sequence[str]) -> tuple[str, ...]:
+    """The field labels of inputs written as labelled lines ("Abstract: ...", "Question: ..."):
+    the labels at least two thirds of the inputs share, when there are two or more and every
+    input starts with a labelled line; else ()."""
+    shapes: Counter[tuple[str, ...]] = Counter()
+    for text in inputs:
+        lines = text.strip().splitlines()
+        if not lines or not FIELD_LINE.match(lines[0]):
+            return ()
+        shapes[tuple(m.group(1) for line in lines if (m := FIELD_LINE.match(line)))] += 1
+    shape, count = shapes.most_common(1)[0] if shapes else ((), 0)
+    return shape if len(shape) >= 2 and 3 * count >= 2 * len(inputs) else ()
 
 
 def off_form(answer: str, profile: TaskProfile | None) -> bool:

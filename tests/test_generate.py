@@ -132,6 +132,24 @@ def test_a_task_without_input_is_dropped_where_every_seed_of_its_type_has_one():
     assert len(parse_round(rows, gen, Counter())) == 3  # no profiles: no type to compare with
 
 
+def test_seed_inputs_in_labelled_fields_are_known_and_their_open_field_is_parsed():
+    from selfspec.quality import input_fields, task_profiles
+    from selfspec.stages.generate_instructions import parse_open_field
+
+    profiles = task_profiles(load_seeds("seeds/biomedical.yaml").seeds)
+    assert profiles["yes_no_qa"].input_fields == ("Abstract", "Question")
+    assert profiles["drug_drug_interaction"].input_fields == ("Sentence", "Drug 1", "Drug 2")
+    assert profiles["disease_ner"].input_fields == () == profiles["open_qa"].input_fields
+    assert input_fields(["Headline: A\nEntity: B", "Headline: C"]) == ()  # not the same fields in every seed
+    given = "Abstract: Serum urate fell by 40% in the treated arm."
+    item = parse_open_field(" Did treatment lower serum urate?\nInstruction: Answer yes, no or maybe.", given, "Question", False)
+    assert item == {"instruction": "Answer yes, no or maybe.", "error": None, "position": 0,
+                    "input": f"{given}\nQuestion: Did treatment lower serum urate?"}
+    assert parse_open_field(" Did treatment lower serum urate?\nInstr", given, "Question", True)["error"] == "truncated"
+    assert parse_open_field(" Did treatment lower serum urate?", given, "Question", False)["error"] == "unparseable"
+    assert parse_open_field("\nInstruction: Answer yes or no.", given, "Question", False)["error"] == "unparseable"
+
+
 def test_list_answers_that_loop_are_cut_to_their_distinct_items():
     looped = "duchenne muscular dystrophy; myotonic dystrophy; Myotonic dystrophy; myotonic dystrophy; myoto"
     assert collapse_repeated_items(looped, truncated=True) == "duchenne muscular dystrophy; myotonic dystrophy"
@@ -222,7 +240,7 @@ def assert_no_near_duplicates(rows):
 
 
 def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_local):
-    from selfspec.stages.generate import run_generate
+    from selfspec.stages.generate import format_summary, run_generate
 
     config = tiny_config(tmp_path)
     summary = run_generate(config, RunDir(str(tmp_path / "gen")), executor="ray")
@@ -234,6 +252,10 @@ def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_lo
     counts = summary["counts"]
     drops = sum(summary["drops"]["instruction"].values())
     assert counts["raw_instructions"] == counts["kept_instructions"] + drops
+    by_task = summary["yield_by_task"]  # per task type, summing to the round totals
+    for stage in ("prompts", "kept_instructions", "examples"):
+        assert sum(v[stage] for v in by_task.values()) == counts[stage]
+    assert "yield by task type" in format_summary(summary) or len(by_task) == 1
     alpaca = [json.loads(line) for line in (tmp_path / "gen" / "data" / "alpaca.jsonl").read_text().splitlines()]
     chat = [json.loads(line) for line in (tmp_path / "gen" / "data" / "chat.jsonl").read_text().splitlines()]
     assert [a["instruction"] for a in alpaca] == [r["instruction"] for r in rows]

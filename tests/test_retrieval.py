@@ -199,10 +199,21 @@ def test_fixed_query_and_passage_as_input_shape_the_prompt(tmp_path):
     with_input = {s["task"] for s in seeds.seeds if s["input"]}
     given = [r for r in grounded if r["task"] in with_input]
     assert given and len(given) < len(grounded)
-    # Task types that take an input get the passage itself as their input; the model writes the instruction.
+    # Task types that take an input get the passage itself as their input; the model writes the
+    # instruction. Where the seeds' inputs are labelled fields (Abstract / Question), the passage
+    # fills the first and the prompt opens the second for the model.
+    from selfspec.quality import task_profiles
+
+    profiles = task_profiles(seeds.seeds)
+    assert any(profiles[r["task"]].input_fields for r in given) and any(not profiles[r["task"]].input_fields for r in given)
     for row in given:
-        assert row["given_input"].startswith("Gout flares")
-        assert row["prompt"].endswith(f"4. Input: {row['given_input']}\nInstruction:")
+        fields = profiles[row["task"]].input_fields
+        if fields:
+            assert row["given_input"].startswith(f"{fields[0]}: Gout flares") and row["open_field"] == fields[1]
+            assert row["prompt"].endswith(f"4. Input: {row['given_input']}\n{fields[1]}:")
+        else:
+            assert row["given_input"].startswith("Gout flares") and not row["open_field"]
+            assert row["prompt"].endswith(f"4. Input: {row['given_input']}\nInstruction:")
     # Types without an input see the passage as knowledge and are asked to use it.
     for row in grounded:
         if row not in given:
@@ -232,6 +243,22 @@ def test_written_input_tasks_write_their_own_inputs_beside_the_passages(tmp_path
     config = config_for(tmp_path, corpus, *common, "retrieval.written_input_tasks=[chemprot_relation]")
     with pytest.raises(ConfigError, match="retrieval.written_input_tasks: chemprot_relation is not a task type"):
         PromptGrounder.from_config(config, RunDir(str(tmp_path / "r")), executor="local").ground(prompts, seeds)
+
+
+def test_a_query_whose_top_hits_are_all_excluded_searches_deeper(tmp_path):
+    from selfspec.stages.generate import load_seed_sets
+    from selfspec.stages.generate_instructions import make_prompt_rows
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    config = config_for(tmp_path, corpus, "retrieval.query=urate crystals", "retrieval.passage_as_input=true", "retrieval.top_k=1",
+                        "retrieval.method=dense")  # dense ranks every passage
+    seeds = load_seed_sets(config)[0]
+    prompts = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, 6, 3, 0, 1)
+    grounder = PromptGrounder.from_config(config, RunDir(str(tmp_path / "r")), executor="local")
+    ranked = [h["id"] for h in grounder.search(["urate crystals"], 10)[0]]
+    assert len(ranked) > 3  # below the first search's depth (3 x top_k)
+    grounder.excluded = lambda hit: hit["id"] != ranked[3]
+    assert {tuple(r["passage_ids"]) for r in grounder.ground(prompts, seeds)} == {(ranked[3],)}
 
 
 def test_tasks_without_input_see_only_context_passages(tmp_path):

@@ -52,6 +52,7 @@ from selfspec.stages.generate_instructions import (
     instruction_drop_reason,
     make_prompt_rows,
     parse_given_input,
+    parse_open_field,
     parse_tasks,
 )
 from selfspec.stages.generate_responses import (
@@ -201,7 +202,9 @@ def parse_round(
     items = []
     for row in raw:
         truncated = row["finish_reason"] == "length"
-        if row["given_input"]:
+        if row["given_input"] and row.get("open_field"):
+            parsed = [parse_open_field(row["completion"], row["given_input"], row["open_field"], truncated)]
+        elif row["given_input"]:
             parsed = [{**parse_given_input(row["completion"], truncated), "input": row["given_input"]}]
         else:
             parsed = parse_tasks(row["completion"], truncated)
@@ -307,8 +310,15 @@ def run_round(
     # An instruction for a given passage is one line: stop at its end, not at the token limit.
     given_temperature = gen.temperature if gen.given_input_temperature is None else gen.given_input_temperature
     one_line = replace(params, stop=("\n",), temperature=given_temperature)
+    # An input field, then the instruction line: stop at the blank line after it.
+    field_then_line = replace(params, stop=("\n\n", f"\n{next_number}.", *ITEM_END_STOPS), temperature=given_temperature)
+    groups = (
+        ([p for p in prompts if not p["given_input"]], params),
+        ([p for p in prompts if p["given_input"] and not p.get("open_field")], one_line),
+        ([p for p in prompts if p["given_input"] and p.get("open_field")], field_then_line),
+    )
     raw = []
-    for rows, row_params in (([p for p in prompts if not p["given_input"]], params), ([p for p in prompts if p["given_input"]], one_line)):
+    for rows, row_params in groups:
         if rows:
             raw += _map(rows, functools.partial(write_instructions, params=row_params, adapter=adapter), config, executor, adapters, f"round {round}: instructions")
     raw.sort(key=lambda r: r["prompt_id"])
@@ -395,10 +405,21 @@ def run_round(
             "examples": len(examples),
         },
         "drops": {"instruction": dict(drops), "response": dict(response_drops)},
+        "yield_by_task": yield_by_task(prompts, kept, examples),
         "tokens": instruction_tokens + sum(r["completion_tokens"] for r in answered),
         "seconds": time.perf_counter() - started,
         "node_ids": nodes,
     }
+
+
+def yield_by_task(prompts, kept, examples) -> dict[str, dict[str, int]]:
+    """Task type -> prompts, kept instructions and examples: where each type's rows are lost."""
+    table: dict[str, dict[str, int]] = {}
+    for stage, rows in (("prompts", prompts), ("kept_instructions", kept), ("examples", examples)):
+        for row in rows:
+            counts = table.setdefault(row["task"] or "", {"prompts": 0, "kept_instructions": 0, "examples": 0})
+            counts[stage] += 1
+    return table
 
 
 def prompts_for_round(gen, remaining: int, shards: list[dict[str, Any]], made: int | None = None) -> int:
@@ -543,8 +564,11 @@ def summarize(manifest: dict[str, Any], final: list[Example], resumed: int, cont
     drops: dict[str, Counter[str]] = {"instruction": Counter(), "response": Counter()}
     tokens = seconds = 0.0
     nodes: set[str] = set()
+    by_task: dict[str, Counter[str]] = {}
     for shard in manifest["shards"]:
         counts.update(shard["counts"])
+        for task, stages in shard.get("yield_by_task", {}).items():
+            by_task.setdefault(task, Counter()).update(stages)
         for stage in drops:
             drops[stage].update(shard["drops"][stage])
         tokens += shard["tokens"]
@@ -553,6 +577,7 @@ def summarize(manifest: dict[str, Any], final: list[Example], resumed: int, cont
     return {
         "counts": {**counts, "final_examples": len(final)},
         "drops": {k: dict(v) for k, v in drops.items()},
+        "yield_by_task": {task: dict(stages) for task, stages in by_task.items()},
         "rounds": len(manifest["shards"]),
         "rounds_resumed": resumed,
         "tokens": int(tokens),
@@ -574,6 +599,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     for stage, reasons in summary["drops"].items():
         if reasons:
             lines.append(f"{stage} drops: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])))
+    by_task = summary.get("yield_by_task") or {}
+    if len(by_task) > 1:
+        lines.append(
+            "yield by task type (prompts -> instructions -> examples): "
+            + ", ".join(f"{t} {v['prompts']} -> {v['kept_instructions']} -> {v['examples']}" for t, v in sorted(by_task.items()))
+        )
     if summary.get("contamination"):
         c = summary["contamination"]
         lines.append(

@@ -28,6 +28,7 @@ PROMPT_HEADER = (
 
 ITEM_SPLIT = re.compile(r"\n\s*(?:\d+\s*[.)]\s*)?Instruction\s*:", re.IGNORECASE)
 INPUT_SPLIT = re.compile(r"\n\s*Input\s*:", re.IGNORECASE)
+INSTRUCTION_LINE = re.compile(r"\n\s*Instruction\s*:", re.IGNORECASE)
 # The demos show no outputs, so a model that writes one has finished the task's
 # instruction and input: with one task per prompt, generation stops there.
 ITEM_END_STOPS = ("\nOutput:", "\nResponse:", "\nAnswer:")
@@ -45,12 +46,19 @@ def sample_demos(seeds: list[Seed], k: int, rng: random.Random) -> list[Seed]:
 
 
 def build_prompt(
-    domain: str, description: str, demos: list[Seed], passages: list[str] = (), new_input: str | None = None
+    domain: str,
+    description: str,
+    demos: list[Seed],
+    passages: list[str] = (),
+    new_input: str | None = None,
+    open_field: str = "",
 ) -> str:
     """A plain completion prompt that ends where the model writes the next instruction.
 
     With `new_input` (a real passage), every task shows its input first and the prompt
-    ends with that input, so the model writes an instruction for a given text."""
+    ends with that input, so the model writes an instruction for a given text; with
+    `open_field` too ("Question"), it ends on that field of the input, which the model
+    fills before it writes the instruction."""
     text = PROMPT_HEADER.format(description=description, domain=domain, no_input=NO_INPUT)
     if passages:
         text += "Domain knowledge to ground the new tasks:\n"
@@ -58,6 +66,8 @@ def build_prompt(
     input_first = new_input is not None
     for number, seed in enumerate(demos, start=1):
         text += format_task(number, seed["instruction"], seed["input"], input_first) + "\n"
+    if input_first and open_field:
+        return text + f"{len(demos) + 1}. Input: {new_input}\n{open_field}:"
     if input_first:
         return text + f"{len(demos) + 1}. Input: {new_input}\nInstruction:"
     return text + f"{len(demos) + 1}. Instruction:"
@@ -90,6 +100,7 @@ def make_prompt_rows(
                 "seed_ids": [d["id"] for d in demos],
                 "passage_ids": [],
                 "given_input": "",  # a real passage the task must use (retrieval.passage_as_input)
+                "open_field": "",  # the input field the model fills after the given passage
             }
         )
     return rows
@@ -104,6 +115,20 @@ def parse_given_input(completion: str, truncated: bool) -> dict[str, Any]:
     if error is None and truncated and not newline:
         error = "truncated"
     return {"instruction": instruction, "input": "", "error": error, "position": 0}
+
+
+def parse_open_field(completion: str, given_input: str, field: str, truncated: bool) -> dict[str, Any]:
+    """A task over a given passage whose input has more fields: the model wrote the open
+    field (and any after it), then "Instruction:" and the instruction on one line."""
+    value, *after = INSTRUCTION_LINE.split(completion, maxsplit=1)
+    line, newline, _ = (after[0] if after else "").strip(" ").partition("\n")
+    instruction, value = " ".join(line.split()), value.strip()
+    error = None
+    if truncated and not newline:
+        error = "truncated"
+    elif not (after and instruction and value):
+        error = "unparseable"
+    return {"instruction": instruction, "input": f"{given_input}\n{field}: {value}", "error": error, "position": 0}
 
 
 def parse_tasks(completion: str, truncated: bool) -> list[dict[str, Any]]:

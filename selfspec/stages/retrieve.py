@@ -370,7 +370,8 @@ class PromptGrounder:
         With `passage_as_input`, a row of a task type whose seeds take an input gets one
         retrieved passage (drawn among the top k, preferring one this grounder has not given
         to that type yet, cut to about twice the seeds' input length) as its input, and the
-        model writes only the instruction for it; types in `written_input_tasks` (inputs of a
+        model writes only the instruction for it (and, where the seeds' inputs are labelled
+        fields, the field after the passage, such as the question); types in `written_input_tasks` (inputs of a
         form no passage has, such as marked sentences) see the passages as context instead and
         the model writes their inputs."""
         from selfspec.quality import fit_passage, task_profiles
@@ -389,6 +390,11 @@ class PromptGrounder:
         # With exclusions, search deeper so that k passages are usually left after them.
         depth = self.top_k if self.excluded is None else 3 * self.top_k
         hits = {q: self.allowed(h) for q, h in zip(unique, self.search(unique, depth))}
+        # Demos shaped like an evaluation task's documents (yes/no demos, PubMedQA abstracts) can
+        # lose every hit to the exclusions: search those queries 10x deeper.
+        short = [q for q in unique if len(hits[q]) < self.top_k] if self.excluded is not None else []
+        for q, h in zip(short, self.search(short, 10 * depth) if short else []):
+            hits[q] = self.allowed(h)
         out = []
         for row, row_demos, query in zip(prompts, demos, queries):
             profile = profiles.get(row.get("task", ""))
@@ -400,8 +406,13 @@ class PromptGrounder:
                 hit = random.Random(row["prompt_id"]).choice(fresh)
                 self.given.add((hit["id"], row["task"]))
                 passage = fit_passage(hit["text"], max(2 * profile.input_words, 40))
-                prompt = build_prompt(seeds.domain, seeds.description, row_demos, new_input=passage)
-                out.append({**row, "prompt": prompt, "passage_ids": [hit["id"]], "given_input": passage})
+                # Seed inputs in labelled fields ("Abstract: ...", "Question: ..."): the passage
+                # fills the first, and the model writes the second before its instruction.
+                fields = profile.input_fields
+                given = f"{fields[0]}: {passage}" if fields else passage
+                open_field = fields[1] if fields else ""
+                prompt = build_prompt(seeds.domain, seeds.description, row_demos, new_input=given, open_field=open_field)
+                out.append({**row, "prompt": prompt, "passage_ids": [hit["id"]], "given_input": given, "open_field": open_field})
                 continue
             description = seeds.description + (PASSAGE_AS_INPUT if self.passage_as_input else "")
             shown = hits[query][: self.context_passages] if self.passage_as_input else hits[query]
