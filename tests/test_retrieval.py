@@ -328,13 +328,13 @@ def test_grounded_generation_records_passage_ids_from_the_corpus(tmp_path):
     summary = run_generate(config, RunDir(str(tmp_path / "grounded")), executor="local")
     rows = read_parquet(tmp_path / "grounded" / "data" / "examples.parquet")
     assert len(rows) == 2 == summary["counts"]["final_examples"]
+    from selfspec.quality import FIELD_LINE
+
     passages = {p["id"]: p["text"] for p in make_passages(read_documents(resolve_corpus("builtin:biomedical", "")), 200, 32)}
     for row in rows:
         # A task with an input takes one passage as it (as its first field where the seeds'
         # inputs are labelled fields), cut at a sentence end; others see top_k.
         if row["input"]:
-            from selfspec.quality import FIELD_LINE
-
             passage = FIELD_LINE.sub("", row["input"].split("\n")[0], count=1)
             assert len(row["passage_ids"]) == 1
             assert " ".join(passages[row["passage_ids"][0]].split()).startswith(passage.rstrip("."))
