@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from selfspec.metrics import extract_label, normalize_text
-from selfspec.schema import Seed
+from selfspec.schema import Seed, seeds_by_task
 
 # A task type whose seed answers have at most this many words (median) is a label task.
 LABEL_MAX_WORDS = 3
@@ -55,11 +55,8 @@ class TaskProfile:
 
 def task_profiles(seeds: Sequence[Seed]) -> dict[str, TaskProfile]:
     """One profile per seed task type, in order of first appearance."""
-    groups: dict[str, list[Seed]] = defaultdict(list)
-    for seed in seeds:
-        groups[seed["task"]].append(seed)
     profiles = {}
-    for task, members in groups.items():
+    for task, members in seeds_by_task(seeds).items():
         output_words = int(statistics.median(len(s["output"].split()) for s in members))
         labels: tuple[str, ...] = ()
         shares: dict[str, float] = {}

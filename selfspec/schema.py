@@ -39,6 +39,14 @@ class Example(Instruction):
     label: str  # the answer's label for label task types (yes, positive, ...), else ""
 
 
+def seeds_by_task(seeds: list[Seed]) -> dict[str, list[Seed]]:
+    """Seeds grouped by task type, types in order of first appearance."""
+    groups: dict[str, list[Seed]] = {}
+    for seed in seeds:
+        groups.setdefault(seed["task"], []).append(seed)
+    return groups
+
+
 def content_id(instruction: str, input: str = "") -> str:
     """Stable id of a task: the same instruction and input always hash alike."""
     text = " ".join(instruction.split()) + "\x1f" + " ".join(input.split())

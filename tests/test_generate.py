@@ -148,6 +148,8 @@ def test_seed_inputs_in_labelled_fields_are_known_and_their_open_field_is_parsed
     assert parse_open_field(" Did treatment lower serum urate?\nInstr", given, "Question", True)["error"] == "truncated"
     assert parse_open_field(" Did treatment lower serum urate?", given, "Question", False)["error"] == "unparseable"
     assert parse_open_field("\nInstruction: Answer yes or no.", given, "Question", False)["error"] == "unparseable"
+    # A new numbered item is another task, not this one's instruction.
+    assert parse_open_field(" Is it safe?\n4. Instruction: Name the drug.", given, "Question", False)["error"] == "unparseable"
 
 
 def test_list_answers_that_loop_are_cut_to_their_distinct_items():

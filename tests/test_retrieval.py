@@ -222,7 +222,7 @@ def test_fixed_query_and_passage_as_input_shape_the_prompt(tmp_path):
 
 def test_written_input_tasks_write_their_own_inputs_beside_the_passages(tmp_path):
     from selfspec.config import ConfigError
-    from selfspec.stages.generate import load_seed_sets
+    from selfspec.stages.generate import load_seed_sets, run_generate
     from selfspec.stages.generate_instructions import make_prompt_rows
     from selfspec.stages.retrieve import PASSAGE_AS_INPUT
 
@@ -242,7 +242,8 @@ def test_written_input_tasks_write_their_own_inputs_beside_the_passages(tmp_path
             assert row["given_input"] == before["given_input"]
     config = config_for(tmp_path, corpus, *common, "retrieval.written_input_tasks=[chemprot_relation]")
     with pytest.raises(ConfigError, match="retrieval.written_input_tasks: chemprot_relation is not a task type"):
-        PromptGrounder.from_config(config, RunDir(str(tmp_path / "r")), executor="local").ground(prompts, seeds)
+        run_generate(config, RunDir(str(tmp_path / "bad")), executor="local")  # before any model or index
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_query_whose_top_hits_are_all_excluded_searches_deeper(tmp_path):

@@ -32,7 +32,7 @@ from selfspec.io import (
     write_parquet,
 )
 from selfspec.models import SamplingParams
-from selfspec.schema import Example, content_id, example_schema, to_alpaca, to_messages, user_message
+from selfspec.schema import Example, content_id, example_schema, seeds_by_task, to_alpaca, to_messages, user_message
 from selfspec.seeds import SeedSet, find_seed_file, load_seeds
 from selfspec.quality import (
     DomainRelevance,
@@ -389,9 +389,9 @@ def run_round(
         if rows:
             answered += _map(rows, step, config, executor, adapters, f"round {round}: {what}")
     response_drops: Counter[str] = Counter()
-    seed_answers: dict[str, list[list[str]]] = {}
-    for seed in seeds.seeds:
-        seed_answers.setdefault(seed["task"], []).append(rouge_tokens(seed["output"]))
+    seed_answers = {
+        task: [rouge_tokens(s["output"]) for s in members] for task, members in seeds_by_task(seeds.seeds).items()
+    }
     examples, repairs = answer_rows(answered, profiles, gen, response_drops, seed_answers)
     nodes = sorted({r.get("node_id", "local") for r in raw + answered})
     return {
@@ -454,6 +454,13 @@ def run_generate(
         seeds = SeedSet(seeds.path, gen.domain or seeds.domain, seeds.description, [s for ss in seed_sets for s in ss.seeds])
     elif gen.domain:
         seeds = SeedSet(seeds.path, gen.domain, seeds.description, seeds.seeds)
+    profiles = task_profiles(seeds.seeds)
+    unknown = sorted(set(config.retrieval.written_input_tasks) - set(profiles))
+    if unknown:
+        raise ConfigError(
+            f"retrieval.written_input_tasks: {', '.join(unknown)} is not a task type of the seeds "
+            f"({', '.join(profiles)})"
+        )
     config_hash = generation_hash(config)
     data = functools.partial(run_dir.path, "data")
     manifest = read_manifest(run_dir, config_hash, overwrite)
@@ -478,7 +485,6 @@ def run_generate(
         retriever = PromptGrounder.from_config(config, run_dir)
         retriever.given.update((i, r["task"]) for r in done if r["input"] for i in r["passage_ids"])
     relevance = domain_relevance(config, seeds) if gen.min_relevance is not None else None
-    profiles = task_profiles(seeds.seeds)
     contamination = None
     if gen.contamination.tasks:
         from selfspec.contamination import ContaminationIndex

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from selfspec.metrics import normalize_entity
-from selfspec.schema import Seed
+from selfspec.schema import Seed, seeds_by_task
 
 NO_INPUT = "<noinput>"
 
@@ -28,6 +28,7 @@ PROMPT_HEADER = (
 
 ITEM_SPLIT = re.compile(r"\n\s*(?:\d+\s*[.)]\s*)?Instruction\s*:", re.IGNORECASE)
 INPUT_SPLIT = re.compile(r"\n\s*Input\s*:", re.IGNORECASE)
+# Unlike ITEM_SPLIT, no item number: "N. Instruction:" starts another task.
 INSTRUCTION_LINE = re.compile(r"\n\s*Instruction\s*:", re.IGNORECASE)
 # The demos show no outputs, so a model that writes one has finished the task's
 # instruction and input: with one task per prompt, generation stops there.
@@ -84,9 +85,7 @@ def make_prompt_rows(
     and `task` is ""."""
     from selfspec.quality import task_draws, task_profiles
 
-    by_type: dict[str, list[Seed]] = {}
-    for s in seeds:
-        by_type.setdefault(s["task"], []).append(s)
+    by_type = seeds_by_task(seeds)
     tasks = task_draws(task_profiles(seeds), count, random.Random(f"{seed}:{round}:tasks"), task_weights) if by_task else [""] * count
     rows = []
     for index, task in enumerate(tasks):

@@ -13,7 +13,7 @@ from typing import Any
 
 from selfspec.dedup import rouge_l, rouge_tokens
 from selfspec.metrics import normalize_entity
-from selfspec.schema import Seed, user_message
+from selfspec.schema import Seed, seeds_by_task, user_message
 
 # Plain-template models continue with the next "### Instruction:" block; stop there.
 RESPONSE_STOPS = ("### Instruction:", "### Response:", "\n\n\n\n")
@@ -145,9 +145,7 @@ def clean_response(text: str) -> str:
 def response_rows(instructions: list[dict[str, Any]], seeds: list[Seed], k: int) -> list[dict[str, Any]]:
     """Attach the response prompt (messages) to each instruction row; demos come from the
     seeds of the row's task type when it has one, so answers take the seeds' form."""
-    by_type: dict[str, list[Seed]] = {}
-    for seed in seeds:
-        by_type.setdefault(seed["task"], []).append(seed)
+    by_type = seeds_by_task(seeds)
     return [
         {
             **row,

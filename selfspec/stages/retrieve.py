@@ -378,12 +378,6 @@ class PromptGrounder:
 
         by_id = {s["id"]: s for s in seeds.seeds}
         profiles = task_profiles(seeds.seeds)
-        unknown = sorted(self.written_input_tasks - set(profiles))
-        if unknown:
-            raise ConfigError(
-                f"retrieval.written_input_tasks: {', '.join(unknown)} is not a task type of the seeds "
-                f"({', '.join(profiles)})"
-            )
         demos = [[by_id[i] for i in row["seed_ids"]] for row in prompts]
         queries = [self.query or seed_query(d) for d in demos]
         unique = sorted(set(queries))
