@@ -458,3 +458,28 @@ def test_prompts_start_with_bos_where_the_tokenizer_puts_one(fp32_backend):
     backend = dataclasses.replace(fp32_backend, tokenizer=with_bos)
     assert backend.encode([{"role": "user", "content": "Hi"}])[0] == bos
     assert backend.split_request("Q: Is aspirin an NSAID?\nA:", " yes")[0][0] == bos
+
+
+def test_exclusive_gate_lets_shared_holders_overlap_and_an_exclusive_one_run_alone():
+    """The gate the async vLLM engine puts in front of requests that must run alone."""
+    import asyncio
+
+    from selfspec.models.vllm_backend import ExclusiveGate
+
+    async def main() -> list[tuple[str, frozenset]]:
+        gate, running, seen = ExclusiveGate(), set(), []
+
+        async def holder(name: str, exclusive: bool, seconds: float) -> None:
+            await gate.enter(exclusive)
+            running.add(name)
+            seen.append((name, frozenset(running)))
+            await asyncio.sleep(seconds)
+            running.discard(name)
+            await gate.leave(exclusive)
+
+        # a and b share; x waits for both; c, arriving after x, waits for x.
+        await asyncio.gather(holder("a", False, 0.05), holder("b", False, 0.05), holder("x", True, 0.02),
+                             holder("c", False, 0.01))
+        return seen
+
+    assert asyncio.run(main()) == [("a", {"a"}), ("b", {"a", "b"}), ("x", {"x"}), ("c", {"c"})]

