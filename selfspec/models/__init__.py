@@ -189,6 +189,26 @@ def pick_backend(requested: str) -> str:
     return "transformers"
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank(path: str) -> int:
+    """The largest rank of a PEFT LoRA adapter folder (its `r`, or a larger `rank_pattern` entry)."""
+    import json
+    import os
+
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        config = json.load(f)
+    return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+def fitting_lora_rank(ranks: Sequence[int]) -> int:
+    """vLLM's `max_lora_rank` for adapters of these ranks: the smallest size it takes at or
+    above the largest (16, vLLM's default, for none)."""
+    largest = max(ranks, default=16)
+    return next((r for r in VLLM_LORA_RANKS if r >= largest), largest)
+
+
 def load_backend(
     config, adapters: dict[str, str] | None = None, *, lora: bool | None = None, serving: bool = False
 ) -> ModelBackend:
@@ -200,6 +220,9 @@ def load_backend(
     if engine == "vllm":
         from selfspec.models.vllm_backend import AsyncVLLMBackend, VLLMBackend
 
+        if config.max_lora_rank is None:
+            ranks = [lora_rank(path) for path in (adapters or {}).values()]
+            config = config.model_copy(update={"max_lora_rank": fitting_lora_rank(ranks)})
         kind = AsyncVLLMBackend if serving else VLLMBackend
         backend = kind.from_config(config, lora=bool(adapters) if lora is None else lora)
     else:

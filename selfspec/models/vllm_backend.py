@@ -20,7 +20,9 @@ from selfspec.models import (
     Prompt,
     SamplingParams,
     TokenLogprob,
+    fitting_lora_rank,
     is_token_ids,
+    lora_rank,
 )
 from selfspec.models.resolve import resolve_model
 
@@ -29,6 +31,7 @@ from selfspec.models.resolve import resolve_model
 class VLLMBackend(ModelBackend):
     llm: Any = None
     lora: bool = True
+    max_lora_rank: int = 16
     _lora_ids: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -40,7 +43,8 @@ class VLLMBackend(ModelBackend):
         chat = config.prompt_format == "chat" or (
             config.prompt_format == "auto" and bool(getattr(tokenizer, "chat_template", None))
         )
-        return cls(model_ref=config.ref, chat=chat, llm=llm, lora=lora, tokenizer=tokenizer)
+        rank = config.max_lora_rank or fitting_lora_rank([])
+        return cls(model_ref=config.ref, chat=chat, llm=llm, lora=lora, tokenizer=tokenizer, max_lora_rank=rank)
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
@@ -49,6 +53,12 @@ class VLLMBackend(ModelBackend):
     def load_adapter(self, name: str, path: str) -> None:
         if not self.lora:
             raise ValueError(f"adapter '{name}': this vLLM engine was started without LoRA (lora=False)")
+        rank = lora_rank(path)
+        if rank > self.max_lora_rank:
+            raise ValueError(
+                f"adapter '{name}' ({path}) has LoRA rank {rank}, above this engine's max_lora_rank "
+                f"{self.max_lora_rank}; set model.max_lora_rank={fitting_lora_rank([rank])} or more"
+            )
         if self.adapter_paths.get(name) != path:  # a new id: vLLM caches an adapter's weights by id
             self._lora_ids[name] = max(self._lora_ids.values(), default=0) + 1
         self.adapter_paths[name] = path
@@ -160,7 +170,7 @@ def engine_arguments(path: str, config, lora: bool) -> dict[str, Any]:
     KV cache is sized in GiB of RAM (VLLM_CPU_KVCACHE_SPACE) instead of a share of GPU memory."""
     if not cuda_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.cpu_kv_cache_gib:g}")
-    kwargs = dict(max_loras=config.max_loras, max_lora_rank=config.max_lora_rank) if lora else {}
+    kwargs = dict(max_loras=config.max_loras, max_lora_rank=config.max_lora_rank or fitting_lora_rank([])) if lora else {}
     return dict(
         model=path,
         dtype="auto" if config.dtype == "auto" else config.dtype,
@@ -229,7 +239,8 @@ class AsyncVLLMBackend(VLLMBackend):
         chat = config.prompt_format == "chat" or (
             config.prompt_format == "auto" and bool(getattr(tokenizer, "chat_template", None))
         )
-        return cls(model_ref=config.ref, chat=chat, engine=engine, lora=lora, tokenizer=tokenizer)
+        rank = config.max_lora_rank or fitting_lora_rank([])
+        return cls(model_ref=config.ref, chat=chat, engine=engine, lora=lora, tokenizer=tokenizer, max_lora_rank=rank)
 
     def close(self) -> None:
         self.engine.shutdown()

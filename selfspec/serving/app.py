@@ -41,7 +41,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfspec.config import ModelConfig, RunConfig, ServeConfig, load_config
-from selfspec.models import Completion, Prompt, SamplingParams, is_token_ids
+from selfspec.models import Completion, Prompt, SamplingParams, fitting_lora_rank, is_token_ids, lora_rank
 from selfspec.serving.protocol import (
     APIError,
     ChatRequest,
@@ -432,8 +432,12 @@ def build_app(config: RunConfig):
     """The Serve application for a run config (pass it to `serve.run`)."""
     config = absolute_paths(config)
     limits = config.serve
+    model_config = config.model
+    if model_config.max_lora_rank is None:  # vLLM: fit the adapters there are now (later ones are checked)
+        ranks = [lora_rank(a.path) for a in AdapterRegistry.from_config(config).adapters()]
+        model_config = model_config.model_copy(update={"max_lora_rank": fitting_lora_rank(ranks)})
     model = AdapterModel.options(**model_deployment_options(limits)).bind(
-        config.model.model_dump(mode="json"), limits.model_dump(mode="json")
+        model_config.model_dump(mode="json"), limits.model_dump(mode="json")
     )
     # The ingress only parses and forwards: no CPU reserved, so it fits beside the model.
     ingress = OpenAIIngress.options(

@@ -187,6 +187,12 @@ class AdapterRegistry:
         if time.monotonic() - self._scanned_at > max_age:
             self.scan()
 
+    def adapters(self) -> list[Adapter]:
+        """Every servable adapter (aliases not repeated), as on disk now."""
+        self.scan()
+        with self._lock:
+            return list(self._table.values())
+
     def names(self) -> list[str]:
         """Every servable adapter name, current aliases included, sorted."""
         self._refresh(self.refresh_s)
