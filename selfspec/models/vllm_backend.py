@@ -37,14 +37,8 @@ class VLLMBackend(ModelBackend):
     @classmethod
     def from_config(cls, config, lora: bool = True) -> "VLLMBackend":
         """`lora`: accept adapters (on CPU vLLM then runs eager, without its compiled graphs)."""
-        path = resolve_model(config.ref)
-        llm = build_engine(path, config, lora)
-        tokenizer = llm.get_tokenizer()
-        chat = config.prompt_format == "chat" or (
-            config.prompt_format == "auto" and bool(getattr(tokenizer, "chat_template", None))
-        )
-        rank = config.max_lora_rank or fitting_lora_rank([])
-        return cls(model_ref=config.ref, chat=chat, llm=llm, lora=lora, tokenizer=tokenizer, max_lora_rank=rank)
+        llm = build_engine(resolve_model(config.ref), config, lora)
+        return cls(llm=llm, **backend_fields(config, llm.get_tokenizer(), lora))
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
@@ -149,6 +143,15 @@ class VLLMBackend(ModelBackend):
         return scores
 
 
+def backend_fields(config, tokenizer: Any, lora: bool) -> dict[str, Any]:
+    """The backend's fields besides its engine, from a ModelConfig and the engine's tokenizer."""
+    chat = config.prompt_format == "chat" or (
+        config.prompt_format == "auto" and bool(getattr(tokenizer, "chat_template", None))
+    )
+    rank = config.max_lora_rank or fitting_lora_rank([])
+    return dict(model_ref=config.ref, chat=chat, lora=lora, tokenizer=tokenizer, max_lora_rank=rank)
+
+
 def vllm_sampling(params: SamplingParams):
     from vllm import SamplingParams as VSamplingParams
 
@@ -233,14 +236,9 @@ class AsyncVLLMBackend(VLLMBackend):
     def from_config(cls, config, lora: bool = True) -> "AsyncVLLMBackend":
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        path = resolve_model(config.ref)
-        engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_arguments(path, config, lora)))
-        tokenizer = engine.get_tokenizer()
-        chat = config.prompt_format == "chat" or (
-            config.prompt_format == "auto" and bool(getattr(tokenizer, "chat_template", None))
-        )
-        rank = config.max_lora_rank or fitting_lora_rank([])
-        return cls(model_ref=config.ref, chat=chat, engine=engine, lora=lora, tokenizer=tokenizer, max_lora_rank=rank)
+        arguments = engine_arguments(resolve_model(config.ref), config, lora)
+        engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**arguments))
+        return cls(engine=engine, **backend_fields(config, engine.get_tokenizer(), lora))
 
     def close(self) -> None:
         self.engine.shutdown()
