@@ -494,3 +494,4 @@ def test_vllm_lora_rank_fits_the_adapters(tmp_path):
     assert fitting_lora_rank([]) == 16 and fitting_lora_rank([4, 8]) == 8 and fitting_lora_rank([12]) == 16
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "rank_pattern": {"q_proj": 32}}))
     assert lora_rank(str(tmp_path)) == 32
+    assert lora_rank("org/some-adapter") is None and fitting_lora_rank([None, 4]) == 8  # a hub id: not counted

@@ -192,20 +192,24 @@ def pick_backend(requested: str) -> str:
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def lora_rank(path: str) -> int:
-    """The largest rank of a PEFT LoRA adapter folder (its `r`, or a larger `rank_pattern` entry)."""
+def lora_rank(path: str) -> int | None:
+    """The largest rank of a PEFT LoRA adapter folder (its `r`, or a larger `rank_pattern` entry);
+    None when `path` is not a local adapter folder (a hub id, which the engine resolves itself)."""
     import json
     import os
 
-    with open(os.path.join(path, "adapter_config.json")) as f:
+    file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
         config = json.load(f)
     return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
 
 
-def fitting_lora_rank(ranks: Sequence[int]) -> int:
-    """vLLM's `max_lora_rank` for adapters of these ranks: the smallest size it takes at or
-    above the largest (16, vLLM's default, for none)."""
-    largest = max(ranks, default=16)
+def fitting_lora_rank(ranks: Sequence[int | None]) -> int:
+    """vLLM's `max_lora_rank` for adapters of these ranks (None: unknown, not counted): the
+    smallest size it takes at or above the largest (16, vLLM's default, for none)."""
+    largest = max((r for r in ranks if r is not None), default=16)
     return next((r for r in VLLM_LORA_RANKS if r >= largest), largest)
 
 

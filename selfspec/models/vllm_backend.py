@@ -48,7 +48,7 @@ class VLLMBackend(ModelBackend):
         if not self.lora:
             raise ValueError(f"adapter '{name}': this vLLM engine was started without LoRA (lora=False)")
         rank = lora_rank(path)
-        if rank > self.max_lora_rank:
+        if rank is not None and rank > self.max_lora_rank:
             raise ValueError(
                 f"adapter '{name}' ({path}) has LoRA rank {rank}, above this engine's max_lora_rank "
                 f"{self.max_lora_rank}; set model.max_lora_rank={fitting_lora_rank([rank])} or more"
