@@ -225,16 +225,18 @@ class AdapterModel:
         echoes = {"echoes": [self.pool.backend.render(p) for p in prompts]} if echo else {}
         name = serve.get_multiplexed_model_id() or None
         if name is None:
-            return {"completions": await self._in_shared_batch(BatchItem(tuple(prompts), params, None)), **echoes}
+            return {"completions": await self._complete(BatchItem(tuple(prompts), params, None)), **echoes}
         self.paths[name] = adapter_path
         self.pool.acquire(name)
         try:
             await self.get_adapter(name)
-            return {"completions": await self._in_shared_batch(BatchItem(tuple(prompts), params, name)), **echoes}
+            return {"completions": await self._complete(BatchItem(tuple(prompts), params, name)), **echoes}
         finally:
             await asyncio.to_thread(self.pool.release, name)
 
-    async def _in_shared_batch(self, item: BatchItem) -> list[list[Completion]]:
+    async def _complete(self, item: BatchItem) -> list[list[Completion]]:
+        """One request's completions: from vLLM's async engine directly, or from a shared
+        `serve.batch` on the transformers backend."""
         backend = self.pool.backend
         if hasattr(backend, "agenerate"):  # vLLM's async engine batches requests itself, continuously
             self.stats["engine_requests"] += 1
