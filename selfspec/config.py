@@ -118,6 +118,9 @@ class GenerateConfig(StageConfig):
     label_max_new_tokens: int = Field(24, ge=1)
     balance_labels: bool = True
     label_tolerance: float = Field(1.5, ge=1)
+    # Before round 1, label each seed of a label type leave-one-out as rows are labelled; a
+    # type whose labels do not beat always answering the seeds' majority label gets no rows.
+    label_check: bool = True
     adapter: str | None = None  # iterative rounds: generate with a trained adapter
     replicas: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -325,14 +328,15 @@ class RunConfig(StageConfig):
     retrieval: RetrievalConfig = RetrievalConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
-    def section_hash(self, *sections: str) -> str:
+    def section_hash(self, *sections: str, exclude: dict[str, set[str]] | None = None) -> str:
         """Stable hash of the named sections (all when none), for resume checks.
 
         Keys that only set scale (replicas, workers' CPUs and GPUs, batch sizes) are left
-        out, so a run resumes on a bigger or smaller cluster."""
+        out, so a run resumes on a bigger or smaller cluster; so are `exclude`'s keys."""
         data = self.model_dump(mode="json")
+        skip = {k: SCALE_ONLY_KEYS.get(k, set()) | (exclude or {}).get(k, set()) for k in data}
         picked = {
-            k: {f: v for f, v in data[k].items() if f not in SCALE_ONLY_KEYS.get(k, ())} if isinstance(data[k], dict) else data[k]
+            k: {f: v for f, v in data[k].items() if f not in skip[k]} if isinstance(data[k], dict) else data[k]
             for k in (sections or data)
         }
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]

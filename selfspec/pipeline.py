@@ -76,7 +76,7 @@ def round_config(config: RunConfig, round: int, adapter: str | None) -> RunConfi
 
 def run_pipeline(config: RunConfig, executor: str = "ray") -> dict[str, Any]:
     """Generate, train and evaluate for `pipeline.rounds` rounds; returns per-stage summaries."""
-    from selfspec.stages.generate import generation_hash, run_generate
+    from selfspec.stages.generate import run_generate
 
     root = run_dir_for(config)
     atomic_write_text(root.path("config.yaml"), dump_config(config))
@@ -89,7 +89,8 @@ def run_pipeline(config: RunConfig, executor: str = "ray") -> dict[str, Any]:
         cfg = round_config(config, round, adapter)
         run_dir = run_dir_for(cfg)
         examples = run_dir.path("data", "examples.parquet")
-        data_fp = _digest([generation_hash(cfg), adapter and _adapter_fingerprint(adapter)])
+        # The whole generate section: a new target or label tolerance reselects from the shards.
+        data_fp = _digest([cfg.section_hash("model", "generate", "retrieval"), adapter and _adapter_fingerprint(adapter)])
         if "generate" in stages:
             summaries[f"generate-r{round}"] = run_stage(
                 ledger, f"generate-r{round}", data_fp, [examples],

@@ -144,6 +144,22 @@ def majority_label(answers: Iterable[str], profile: TaskProfile, min_agreement: 
     return (label if share >= min_agreement else None), share
 
 
+def label_check(results: dict[str, list[tuple[str, str | None]]]) -> dict[str, dict[str, Any]]:
+    """Whether the model's labels carry more than the seeds' prior, per label task type.
+
+    `results`: task -> (gold, given) label of each of its seeds, labelled leave-one-out as
+    generation labels a row (given None: no clear label). The prior is the majority-class
+    baseline: always answering the type's most common seed label gets its count right. A
+    type is `reliable` when the model labels more seeds right than that; otherwise its rows
+    would teach noise."""
+    out = {}
+    for task, pairs in results.items():
+        right = sum(given is not None and normalize_text(given) == normalize_text(gold) for gold, given in pairs)
+        prior = max(Counter(normalize_text(gold) for gold, _ in pairs).values(), default=0)
+        out[task] = {"seeds": len(pairs), "right": right, "prior_right": prior, "reliable": right > prior}
+    return out
+
+
 def label_caps(counts: dict[str, int], shares: dict[str, float], tolerance: float) -> dict[str, int]:
     """How many rows of each label to keep so that no label's share of the kept rows
     exceeds `tolerance` times its seed share (a label the seeds lack gets the smallest

@@ -71,3 +71,13 @@ def test_scale_only_keys_leave_the_resume_hash_alone():
     assert base.section_hash("model", "eval") == bigger.section_hash("model", "eval")
     changed = load_config("default", ["generate.temperature=0.5"])
     assert base.section_hash("model", "generate") != changed.section_hash("model", "generate")
+
+
+def test_selection_keys_keep_the_generated_shards_but_not_the_final_set():
+    from selfspec.stages.generate import generation_hash
+
+    base = load_config("default")
+    reselected = load_config("default", ["generate.target=500", "generate.label_tolerance=1.0"])
+    assert generation_hash(base) == generation_hash(reselected)  # the shards resume
+    assert base.section_hash("generate") != reselected.section_hash("generate")  # the pipeline reselects
+    assert generation_hash(base) != generation_hash(load_config("default", ["generate.temperature=0.5"]))

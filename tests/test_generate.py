@@ -16,7 +16,8 @@ import pytest
 from selfspec.config import load_config
 from selfspec.dedup import RougeDeduper, rouge_l, rouge_tokens
 from selfspec.io import RunDir, read_json, read_parquet
-from selfspec.seeds import load_seeds
+from selfspec.quality import task_profiles
+from selfspec.seeds import find_seed_file, load_seeds
 from selfspec.stages.generate_instructions import build_prompt, instruction_drop_reason, parse_tasks
 from selfspec.stages.generate_responses import collapse_repeated_items, ground_list_items, is_degenerate, response_drop_reason
 
@@ -263,10 +264,23 @@ def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_lo
     assert [a["instruction"] for a in alpaca] == [r["instruction"] for r in rows]
     assert chat[0]["messages"][1] == {"role": "assistant", "content": rows[0]["output"]}
     assert (tmp_path / "gen" / "config.yaml").exists()
+    # The label check ran on every seed of each label type; types it found unreliable have no rows.
+    checked = summary["label_check"]
+    label_types = {t for t, p in task_profiles(load_seeds(find_seed_file(config.generate.seeds[0])).seeds).items() if p.labelled}
+    assert set(checked) == label_types and all(r["seeds"] >= 2 for r in checked.values())
+    assert not {r["task"] for r in rows} & {t for t, r in checked.items() if not r["reliable"]}
+    assert "unreliable_labels" in summary["drops"]["final"]
+    assert "label check on the seeds" in format_summary(summary)
 
     # A rerun with the same config finds everything done and generates nothing.
     again = run_generate(config, RunDir(str(tmp_path / "gen")), executor="local")
     assert again["rounds_resumed"] == again["rounds"] == summary["rounds"]
+
+    # A new target reselects from the same shards: no refusal, no new round.
+    fewer = run_generate(tiny_config(tmp_path, "generate.target=2"), RunDir(str(tmp_path / "gen")), executor="local")
+    assert fewer["rounds_resumed"] == fewer["rounds"] == summary["rounds"]
+    reselected = read_parquet(tmp_path / "gen" / "data" / "examples.parquet")
+    assert len(reselected) == 2 and {r["id"] for r in reselected} <= {r["id"] for r in rows}
 
 
 def test_changed_config_is_refused_without_overwrite(tmp_path):

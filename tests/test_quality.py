@@ -14,6 +14,7 @@ from selfspec.quality import (
     fit_passage,
     off_form,
     label_caps,
+    label_check,
     majority_label,
     select_task_mix,
     round_task_weights,
@@ -75,6 +76,18 @@ def test_label_caps_follow_the_seed_shares():
     # One label alone, allowed under all of it: cut to the floor of two rows.
     assert label_caps({"no": 30}, shares, 1.5) == {"no": 2}
     assert label_caps({"no": 1}, shares, 1.5) == {"no": 1}
+
+
+def test_label_check_keeps_a_type_only_where_labels_beat_the_majority_label():
+    gold = ["yes"] * 4 + ["no"] * 3 + ["maybe"] * 2
+    always_yes = [(g, "yes") for g in gold]  # 4 right: what the majority label gets, no more
+    better = [(g, g if i < 5 else "no") for i, g in enumerate(gold)]  # 7 right
+    unsure = [(g, None) for g in gold[:5]] + [(g, g) for g in gold[5:]]  # no clear label counts as wrong
+    checked = label_check({"yes_no_qa": always_yes, "relation": better, "other": unsure})
+    assert checked["yes_no_qa"] == {"seeds": 9, "right": 4, "prior_right": 4, "reliable": False}
+    assert checked["relation"]["right"] == 7 and checked["relation"]["reliable"]
+    assert checked["other"]["right"] == 4 and not checked["other"]["reliable"]
+    assert label_check({"case": [("Yes", "yes "), ("no", "yes")]})["case"]["right"] == 1  # labels compare normalized
 
 
 def test_balance_labels_drops_newest_rows_of_the_surplus_label():

@@ -37,7 +37,9 @@ from selfspec.seeds import SeedSet, find_seed_file, load_seeds
 from selfspec.quality import (
     DomainRelevance,
     TaskProfile,
+    answer_label,
     balance_labels,
+    label_check,
     label_task,
     majority_label,
     off_form,
@@ -57,10 +59,12 @@ from selfspec.stages.generate_instructions import (
 )
 from selfspec.stages.generate_responses import (
     RESPONSE_STOPS,
+    build_response_messages,
     clean_response,
     collapse_repeated_items,
     copies_seed_answer,
     ground_list_items,
+    response_demos,
     response_drop_reason,
     response_rows,
 )
@@ -133,13 +137,68 @@ def score_labels(backend, rows: list[dict[str, Any]], adapter: str | None) -> li
     return out
 
 
+def label_rows_and_step(rows: list[dict[str, Any]], gen, profiles: dict[str, TaskProfile], adapter: str | None):
+    """Label-task rows as `generate.label_method` answers them, and the batch function:
+    calibrated log-likelihood over the type's labels, or `consistency_samples` sampled answers."""
+    if gen.label_method == "calibrated":
+        return [{**r, "labels": list(profiles[r["task"]].labels)} for r in rows], functools.partial(score_labels, adapter=adapter)
+    params = SamplingParams(
+        temperature=gen.consistency_temperature if gen.consistency_samples > 1 else 0.0,
+        max_new_tokens=gen.label_max_new_tokens,
+        stop=RESPONSE_STOPS,
+        seed=gen.seed,
+        n=gen.consistency_samples,
+    )
+    return rows, functools.partial(write_responses, params=params, adapter=adapter)
+
+
+def row_label(row: dict[str, Any], profile: TaskProfile, gen) -> tuple[str | None, float]:
+    """An answered label row's label: the clear majority of its samples (one sample: itself)."""
+    agreement = gen.consistency_agreement if len(row["samples"]) > 1 else 0.0
+    return majority_label(row["samples"], profile, agreement)
+
+
+def check_seed_labels(config: RunConfig, seeds: SeedSet, profiles: dict[str, TaskProfile], executor: str) -> dict[str, Any]:
+    """`generate.label_check`: every seed of a label type labelled as a generated row is, its
+    demos drawn from the other seeds of its type (leave-one-out), against its own label."""
+    gen = config.generate
+    adapter = ADAPTER_NAME if gen.adapter else None
+    rows, gold = [], {}
+    for task, members in seeds_by_task(seeds.seeds).items():
+        profile = label_task(profiles, task)
+        if profile is None:
+            continue
+        for n, seed in enumerate(members):
+            others = members[:n] + members[n + 1 :]
+            demos = response_demos(others, gen.response_demos, seed["id"])
+            row_id = f"label-check-{seed['id']}"
+            gold[row_id] = (task, answer_label(seed["output"], profile) or seed["output"])
+            messages = build_response_messages(seed["instruction"], seed["input"], demos)
+            rows.append({"id": row_id, "task": task, "instruction": seed["instruction"], "input": seed["input"], "messages": messages})
+    rows, step = label_rows_and_step(rows, gen, profiles, adapter)
+    adapters = {ADAPTER_NAME: gen.adapter} if gen.adapter else None
+    results: dict[str, list[tuple[str, str | None]]] = {}
+    for row in _map(rows, step, config, executor, adapters, "label check on the seeds"):
+        task, label = gold[row["id"]]
+        results.setdefault(task, []).append((label, row_label(row, profiles[task], gen)[0]))
+    return label_check(results)
+
+
 # -- seeds and run state ------------------------------------------------------------
 def load_seed_sets(config: RunConfig) -> list[SeedSet]:
     return [load_seeds(find_seed_file(path)) for path in config.generate.seeds]
 
 
+# Keys that choose how many of the generated rows to keep, not how a row is made: a run's
+# shards stay valid when they change (raise the target and generation goes on from them).
+SELECTION_KEYS = {
+    "target", "max_rounds", "prompts_per_round", "expected_yield", "balance_labels", "label_tolerance", "label_check",
+}
+
+
 def generation_hash(config: RunConfig) -> str:
-    return config.section_hash("model", "generate", "retrieval")
+    """What makes a generated row: the manifest's resume check."""
+    return config.section_hash("model", "generate", "retrieval", exclude={"generate": SELECTION_KEYS})
 
 
 def read_manifest(run_dir: RunDir, config_hash: str, overwrite: bool) -> dict[str, Any]:
@@ -239,8 +298,7 @@ def answer_rows(
     for row in sorted(answered, key=lambda r: r["id"]):
         profile = label_task(profiles, row["task"])
         if profile is not None:
-            agreement = gen.consistency_agreement if len(row["samples"]) > 1 else 0.0
-            label, share = majority_label(row["samples"], profile, agreement)
+            label, share = row_label(row, profile, gen)
             if label is None:
                 drops["no_majority" if share else "off_label"] += 1
                 continue
@@ -369,21 +427,9 @@ def run_round(
         for r in to_answer
         if not label_task(profiles, r["task"])
     ]
-    sampled = gen.consistency_samples > 1
-    label_params = SamplingParams(
-        temperature=gen.consistency_temperature if sampled else 0.0,
-        max_new_tokens=gen.label_max_new_tokens,
-        stop=RESPONSE_STOPS,
-        seed=gen.seed,
-        n=gen.consistency_samples,
-    )
     response_params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
     answered = []
-    if gen.label_method == "calibrated":
-        labelled = [{**r, "labels": list(profiles[r["task"]].labels)} for r in labelled]
-        label_step = functools.partial(score_labels, adapter=adapter)
-    else:
-        label_step = functools.partial(write_responses, params=label_params, adapter=adapter)
+    labelled, label_step = label_rows_and_step(labelled, gen, profiles, adapter)
     response_step = functools.partial(write_responses, params=response_params, adapter=adapter)
     for rows, step, what in ((labelled, label_step, "labels"), (open_ended, response_step, "responses")):
         if rows:
@@ -465,6 +511,16 @@ def run_generate(
     data = functools.partial(run_dir.path, "data")
     manifest = read_manifest(run_dir, config_hash, overwrite)
     atomic_write_text(run_dir.path("config.yaml"), dump_config(config))
+    if gen.label_check and "label_check" not in manifest and any(p.labelled for p in profiles.values()):
+        manifest["label_check"] = check_seed_labels(config, seeds, profiles, executor)
+        write_json(data("manifest.json"), manifest)
+    unreliable = {t for t, r in manifest.get("label_check", {}).items() if not r["reliable"]} if gen.label_check else set()
+    if unreliable and unreliable == set(profiles):
+        print("label check: no task type's labels beat the seeds' majority label; keeping them all")
+        unreliable = set()
+    elif unreliable:
+        print(f"label check: the model labels the seeds of {', '.join(sorted(unreliable))} no better than their "
+              "majority label does; no rows of those types")
 
     dedup = RougeDeduper(gen.rouge_threshold)
     dedup.add([s["instruction"] for s in seeds.seeds])
@@ -498,6 +554,7 @@ def run_generate(
         label shares balanced; generation goes on until the target is met after both."""
         if contamination is not None and gen.contamination.remove:
             rows = [r for r in rows if not contamination.matches(r)]
+        rows = [r for r in rows if r["task"] not in unreliable]
         return balance_labels(rows, profiles, gen.label_tolerance)[0] if gen.balance_labels else rows
 
     round = len(manifest["shards"]) + 1
@@ -506,7 +563,8 @@ def run_generate(
             print(f"stopped after generate.max_rounds={gen.max_rounds} rounds with {counted}/{target} examples")
             break
         num_prompts = prompts_for_round(gen, target - counted, manifest["shards"], counted)
-        weights = round_task_weights(usable(done), target, profiles) if done else None
+        weights = round_task_weights(usable(done), target, profiles) if done else {t: p.share for t, p in profiles.items()}
+        weights = {t: 0.0 if t in unreliable else w for t, w in weights.items()}
         result = run_round(config, seeds, round, num_prompts, dedup, grounded_dedup, executor, config_hash, retriever, relevance, weights)
         shard_file = f"shards/round-{round:04d}.parquet"
         examples = result.pop("examples")
@@ -536,7 +594,15 @@ def run_generate(
     write_jsonl(data("chat.jsonl"), (to_messages(e) for e in final))
     summary = summarize(manifest, final, resumed, report)
     removed = report["removed"] if report else 0
-    summary["drops"]["final"] = {"contaminated": removed, "label_balance": len(done) - removed - len(balanced)}
+    flagged_ids = flagged if report and gen.contamination.remove else set()
+    unreliable_rows = sum(r["task"] in unreliable and r["id"] not in flagged_ids for r in done)
+    summary["drops"]["final"] = {
+        "contaminated": removed,
+        "unreliable_labels": unreliable_rows,
+        "label_balance": len(done) - removed - unreliable_rows - len(balanced),
+    }
+    if "label_check" in manifest:
+        summary["label_check"] = manifest["label_check"]
     summary["profile"] = profile(final, seeds.seeds)
     if relevance is not None:
         summary["relevance_threshold"] = float(f"{relevance.threshold:.4f}")
@@ -617,6 +683,12 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"contamination: {c['examples_flagged']} of {c['examples_checked']} generated examples flagged, "
             f"{c.get('removed', 0)} removed, {c.get('final_flagged', 0)} in the final set"
             + (f"; {c['passages_excluded']} corpus passages overlapping a task kept out of prompts" if "passages_excluded" in c else "")
+        )
+    if summary.get("label_check"):
+        lines.append(
+            "label check on the seeds (right / the majority label's / seeds): "
+            + ", ".join(f"{t} {r['right']} / {r['prior_right']:g} / {r['seeds']}{'' if r['reliable'] else ' (no rows)'}"
+                        for t, r in summary["label_check"].items())
         )
     if summary.get("profile"):
         from selfspec.data_profile import format_profile
