@@ -118,9 +118,11 @@ class GenerateConfig(StageConfig):
     label_max_new_tokens: int = Field(24, ge=1)
     balance_labels: bool = True
     label_tolerance: float = Field(1.5, ge=1)
-    # Before round 1, label each seed of a label type leave-one-out as rows are labelled; a
-    # type whose labels do not beat always answering the seeds' majority label gets no rows.
-    label_check: bool = True
+    # Before round 1, label each seed of a label type leave-one-out as rows are labelled. A
+    # type whose labels are right no more often than always answering the seeds' majority label
+    # is unreliable: "majority" answers its rows with that label, "drop" makes none of its
+    # rows, "keep" skips the check and keeps the model's labels.
+    unreliable_labels: Literal["majority", "drop", "keep"] = "majority"
     adapter: str | None = None  # iterative rounds: generate with a trained adapter
     replicas: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)

@@ -160,6 +160,20 @@ def label_check(results: dict[str, list[tuple[str, str | None]]]) -> dict[str, d
     return out
 
 
+def majority_seed_label(profile: TaskProfile) -> str:
+    """The label most seeds of a label type give, spelled as in the seeds (ties: first seen)."""
+    top = max(profile.label_shares.values())
+    return next(label for label in profile.labels if profile.label_shares.get(normalize_text(label)) == top)
+
+
+def relabel_with_majority(rows: list[dict[str, Any]], profiles: dict[str, TaskProfile], tasks: set[str]) -> list[dict[str, Any]]:
+    """Rows of the given label types answered with their seeds' majority label: where the
+    model's labels are right no more often than that label (`label_check`), it is the better
+    guess for every row, and the row still teaches the type's answer form."""
+    majority = {t: majority_seed_label(profiles[t]) for t in tasks}
+    return [{**r, "output": majority[r["task"]], "label": majority[r["task"]]} if r["task"] in majority else r for r in rows]
+
+
 def label_caps(counts: dict[str, int], shares: dict[str, float], tolerance: float) -> dict[str, int]:
     """How many rows of each label to keep so that no label's share of the kept rows
     exceeds `tolerance` times its seed share (a label the seeds lack gets the smallest

@@ -16,6 +16,8 @@ from selfspec.quality import (
     label_caps,
     label_check,
     majority_label,
+    majority_seed_label,
+    relabel_with_majority,
     select_task_mix,
     round_task_weights,
     task_draws,
@@ -88,6 +90,16 @@ def test_label_check_keeps_a_type_only_where_labels_beat_the_majority_label():
     assert checked["relation"]["right"] == 7 and checked["relation"]["reliable"]
     assert checked["other"]["right"] == 4 and not checked["other"]["reliable"]
     assert label_check({"case": [("Yes", "yes "), ("no", "yes")]})["case"]["right"] == 1  # labels compare normalized
+
+
+def test_unreliable_types_take_the_seeds_majority_label():
+    seeds = [seed(0, "yn", "No"), seed(1, "yn", "yes"), seed(2, "yn", "Yes"), seed(3, "yn", "maybe"), seed(4, "qa", "A long answer.")]
+    profiles = task_profiles(seeds)
+    assert majority_seed_label(profiles["yn"]) == "yes"  # 2 of 4, spelled as the first seed that gives it
+    rows = [{"id": "r1", "task": "yn", "output": "no", "label": "no"}, {"id": "r2", "task": "qa", "output": "x", "label": ""}]
+    relabelled = relabel_with_majority(rows, profiles, {"yn"})
+    assert relabelled == [{"id": "r1", "task": "yn", "output": "yes", "label": "yes"}, rows[1]]
+    assert relabel_with_majority(rows, profiles, set()) == rows
 
 
 def test_balance_labels_drops_newest_rows_of_the_surplus_label():

@@ -41,6 +41,8 @@ from selfspec.quality import (
     balance_labels,
     label_check,
     label_task,
+    majority_seed_label,
+    relabel_with_majority,
     majority_label,
     off_form,
     response_budget,
@@ -159,8 +161,9 @@ def row_label(row: dict[str, Any], profile: TaskProfile, gen) -> tuple[str | Non
 
 
 def check_seed_labels(config: RunConfig, seeds: SeedSet, profiles: dict[str, TaskProfile], executor: str) -> dict[str, Any]:
-    """`generate.label_check`: every seed of a label type labelled as a generated row is, its
-    demos drawn from the other seeds of its type (leave-one-out), against its own label."""
+    """The label check of `generate.unreliable_labels`: every seed of a label type labelled as
+    a generated row is, its demos drawn from the other seeds of its type (leave-one-out),
+    against its own label."""
     gen = config.generate
     adapter = ADAPTER_NAME if gen.adapter else None
     rows, gold = [], {}
@@ -192,7 +195,7 @@ def load_seed_sets(config: RunConfig) -> list[SeedSet]:
 # Keys that choose how many of the generated rows to keep, not how a row is made: a run's
 # shards stay valid when they change (raise the target and generation goes on from them).
 SELECTION_KEYS = {
-    "target", "max_rounds", "prompts_per_round", "expected_yield", "balance_labels", "label_tolerance", "label_check",
+    "target", "max_rounds", "prompts_per_round", "expected_yield", "balance_labels", "label_tolerance", "unreliable_labels",
 }
 
 
@@ -511,16 +514,17 @@ def run_generate(
     data = functools.partial(run_dir.path, "data")
     manifest = read_manifest(run_dir, config_hash, overwrite)
     atomic_write_text(run_dir.path("config.yaml"), dump_config(config))
-    if gen.label_check and "label_check" not in manifest and any(p.labelled for p in profiles.values()):
+    checking = gen.unreliable_labels != "keep"
+    if checking and "label_check" not in manifest and any(p.labelled for p in profiles.values()):
         manifest["label_check"] = check_seed_labels(config, seeds, profiles, executor)
         write_json(data("manifest.json"), manifest)
-    unreliable = {t for t, r in manifest.get("label_check", {}).items() if not r["reliable"]} if gen.label_check else set()
-    if unreliable and unreliable == set(profiles):
-        print("label check: no task type's labels beat the seeds' majority label; keeping them all")
-        unreliable = set()
-    elif unreliable:
-        print(f"label check: the model labels the seeds of {', '.join(sorted(unreliable))} no better than their "
-              "majority label does; no rows of those types")
+    unreliable = {t for t, r in manifest.get("label_check", {}).items() if not r["reliable"]} if checking else set()
+    dropped_types = unreliable if gen.unreliable_labels == "drop" and unreliable != set(profiles) else set()
+    relabelled_types = unreliable - dropped_types
+    if unreliable:
+        action = "no rows of those types" if dropped_types else "their rows take the seeds' majority label"
+        print(f"label check: the model labels the seeds of {', '.join(sorted(unreliable))} no better than "
+              f"their majority label does; {action}")
 
     dedup = RougeDeduper(gen.rouge_threshold)
     dedup.add([s["instruction"] for s in seeds.seeds])
@@ -554,8 +558,10 @@ def run_generate(
         label shares balanced; generation goes on until the target is met after both."""
         if contamination is not None and gen.contamination.remove:
             rows = [r for r in rows if not contamination.matches(r)]
-        rows = [r for r in rows if r["task"] not in unreliable]
-        return balance_labels(rows, profiles, gen.label_tolerance)[0] if gen.balance_labels else rows
+        rows = relabel_with_majority([r for r in rows if r["task"] not in dropped_types], profiles, relabelled_types)
+        # Relabelled types hold one label by design: the balance leaves them alone.
+        balanced_profiles = {t: p for t, p in profiles.items() if t not in relabelled_types}
+        return balance_labels(rows, balanced_profiles, gen.label_tolerance)[0] if gen.balance_labels else rows
 
     round = len(manifest["shards"]) + 1
     while (counted := len(usable(done))) < target:
@@ -564,7 +570,7 @@ def run_generate(
             break
         num_prompts = prompts_for_round(gen, target - counted, manifest["shards"], counted)
         weights = round_task_weights(usable(done), target, profiles) if done else {t: p.share for t, p in profiles.items()}
-        weights = {t: 0.0 if t in unreliable else w for t, w in weights.items()}
+        weights = {t: 0.0 if t in dropped_types else w for t, w in weights.items()}
         result = run_round(config, seeds, round, num_prompts, dedup, grounded_dedup, executor, config_hash, retriever, relevance, weights)
         shard_file = f"shards/round-{round:04d}.parquet"
         examples = result.pop("examples")
@@ -595,14 +601,18 @@ def run_generate(
     summary = summarize(manifest, final, resumed, report)
     removed = report["removed"] if report else 0
     flagged_ids = flagged if report and gen.contamination.remove else set()
-    unreliable_rows = sum(r["task"] in unreliable and r["id"] not in flagged_ids for r in done)
+    unreliable_rows = sum(r["task"] in dropped_types and r["id"] not in flagged_ids for r in done)
     summary["drops"]["final"] = {
         "contaminated": removed,
         "unreliable_labels": unreliable_rows,
         "label_balance": len(done) - removed - unreliable_rows - len(balanced),
     }
     if "label_check" in manifest:
-        summary["label_check"] = manifest["label_check"]
+        summary["label_check"] = {
+            task: {**result, **({"majority_label": majority_seed_label(profiles[task]),
+                                 "relabelled": sum(r["task"] == task for r in final)} if task in relabelled_types else {})}
+            for task, result in manifest["label_check"].items()
+        }
     summary["profile"] = profile(final, seeds.seeds)
     if relevance is not None:
         summary["relevance_threshold"] = float(f"{relevance.threshold:.4f}")
@@ -687,7 +697,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("label_check"):
         lines.append(
             "label check on the seeds (right / the majority label's / seeds): "
-            + ", ".join(f"{t} {r['right']} / {r['prior_right']:g} / {r['seeds']}{'' if r['reliable'] else ' (no rows)'}"
+            + ", ".join(f"{t} {r['right']} / {r['prior_right']:g} / {r['seeds']}{label_check_note(r)}"
                         for t, r in summary["label_check"].items())
         )
     if summary.get("profile"):
@@ -695,6 +705,14 @@ def format_summary(summary: dict[str, Any]) -> str:
 
         lines.append(format_profile(summary["profile"]))
     return "\n".join(lines)
+
+
+def label_check_note(result: dict[str, Any]) -> str:
+    if result["reliable"]:
+        return ""
+    if "majority_label" in result:
+        return f" ({result['relabelled']} rows answered '{result['majority_label']}')"
+    return " (no rows)"
 
 
 def cli(config: RunConfig, args) -> int:
