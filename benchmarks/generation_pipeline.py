@@ -18,16 +18,14 @@ CPU-second of the whole machine (run it on a quiet machine), with the ratios.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine spent busy (all processes: Ray's workers are not our children)."""
-    import psutil
-
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+from specialization_run import busy_cpu_seconds  # noqa: E402
 
 
 def run(executor: str, overrides: list[str]) -> tuple[dict, float]:

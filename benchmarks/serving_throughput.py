@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapter_throughput import make_adapters  # noqa: E402
+from specialization_run import busy_cpu_seconds  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,14 +61,6 @@ def free_port() -> int:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine spent busy (the replica, vLLM's engine core, the clients)."""
-    import psutil
-
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def load(client, models: list[str], clients: int, requests: int, max_tokens: int) -> dict[str, float]:

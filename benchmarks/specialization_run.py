@@ -31,6 +31,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy: every process counts, Ray's workers and
+    vLLM's engine core included (they are not the caller's children)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
 def cpu_facts() -> str:
     flags: set[str] = set()
     model = platform.processor() or platform.machine()

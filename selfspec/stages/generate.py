@@ -41,10 +41,10 @@ from selfspec.quality import (
     balance_labels,
     label_check,
     label_task,
-    majority_seed_label,
-    relabel_with_majority,
     majority_label,
+    majority_seed_label,
     off_form,
+    relabel_with_majority,
     response_budget,
     select_task_mix,
     round_task_weights,
@@ -61,12 +61,10 @@ from selfspec.stages.generate_instructions import (
 )
 from selfspec.stages.generate_responses import (
     RESPONSE_STOPS,
-    build_response_messages,
     clean_response,
     collapse_repeated_items,
     copies_seed_answer,
     ground_list_items,
-    response_demos,
     response_drop_reason,
     response_rows,
 )
@@ -172,12 +170,9 @@ def check_seed_labels(config: RunConfig, seeds: SeedSet, profiles: dict[str, Tas
         if profile is None:
             continue
         for n, seed in enumerate(members):
-            others = members[:n] + members[n + 1 :]
-            demos = response_demos(others, gen.response_demos, seed["id"])
-            row_id = f"label-check-{seed['id']}"
-            gold[row_id] = (task, answer_label(seed["output"], profile) or seed["output"])
-            messages = build_response_messages(seed["instruction"], seed["input"], demos)
-            rows.append({"id": row_id, "task": task, "instruction": seed["instruction"], "input": seed["input"], "messages": messages})
+            gold[seed["id"]] = (task, answer_label(seed["output"], profile) or seed["output"])
+            row = {"id": seed["id"], "task": task, "instruction": seed["instruction"], "input": seed["input"]}
+            rows += response_rows([row], members[:n] + members[n + 1 :], gen.response_demos)
     rows, step = label_rows_and_step(rows, gen, profiles, adapter)
     adapters = {ADAPTER_NAME: gen.adapter} if gen.adapter else None
     results: dict[str, list[tuple[str, str | None]]] = {}
@@ -608,11 +603,10 @@ def run_generate(
         "label_balance": len(done) - removed - unreliable_rows - len(balanced),
     }
     if "label_check" in manifest:
-        summary["label_check"] = {
-            task: {**result, **({"majority_label": majority_seed_label(profiles[task]),
-                                 "relabelled": sum(r["task"] == task for r in final)} if task in relabelled_types else {})}
-            for task, result in manifest["label_check"].items()
-        }
+        summary["label_check"] = {task: dict(result) for task, result in manifest["label_check"].items()}
+        for task in relabelled_types:
+            relabelled = sum(r["task"] == task for r in final)
+            summary["label_check"][task].update(majority_label=majority_seed_label(profiles[task]), relabelled=relabelled)
     summary["profile"] = profile(final, seeds.seeds)
     if relevance is not None:
         summary["relevance_threshold"] = float(f"{relevance.threshold:.4f}")
