@@ -66,10 +66,11 @@ def map_with_model(
     num_cpus: float = 1,
     num_gpus: float = 0,
     adapters: dict[str, str] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Apply `fn(backend, batch_rows)` to all rows with `replicas` model replicas.
 
+    `progress` gets each batch's result rows as they finish (for bars and checkpoints).
     Row order of the result is not guaranteed under Ray; rows carry their own ids.
     """
     if not rows:
@@ -80,9 +81,10 @@ def map_with_model(
     if executor == "local":
         worker = ModelWorker(model.model_dump(), fn, adapters, threads)
         for batch in batches:
-            out.extend(worker.run(batch))
+            new = worker.run(batch)
+            out.extend(new)
             if progress:
-                progress(len(batch))
+                progress(new)
         return out
 
     import ray
@@ -101,6 +103,6 @@ def map_with_model(
             new = pickle.loads(packed)
             out.extend(new)
             if progress:
-                progress(len(new))
+                progress(new)
     return out
 

@@ -6,7 +6,8 @@ next round) into `runs/<name>/round-<k>/`. The run ends with an evaluation of th
 base against every adapter. Each finished stage is recorded in `pipeline.json`
 with the hash of its config and inputs; a rerun skips stages whose record still
 matches and whose outputs exist, and a stage killed midway resumes on its own
-(generation by shard, training from its latest checkpoint).
+(generation by shard, training from its latest checkpoint, evaluation by
+finished batch).
 """
 
 from __future__ import annotations

@@ -412,6 +412,47 @@ def test_generation_scoring_extracts_labels(fp32_backend, tmp_path):
         assert parsed == extract_label(result["output"], ["yes", "no", "maybe"])
 
 
+def test_killed_evaluation_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Results are checkpointed per batch: a rerun answers only what is missing, reuses
+    what was answered (even a hand-edited answer proves it), skips a torn last line, and
+    removes the checkpoint once metrics.json is written."""
+    import selfspec.stages.evaluate as evaluate
+    from selfspec.io import RunDir
+
+    tasks = [str(yesno_task(tmp_path / "bio" / "yesno"))]
+    config = tiny_config(tmp_path, shots=[0], scoring="generate", max_examples=4, batch_size=1, max_new_tokens=4)
+    run_dir = RunDir(str(tmp_path / "runs" / "t"))
+    checkpoint = tmp_path / "runs" / "t" / "eval" / "partial-results.jsonl"
+    real_batch, calls = evaluate.run_request_batch, []
+
+    def dies_on_third_batch(backend, rows):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_batch(backend, rows)
+
+    monkeypatch.setattr(evaluate, "run_request_batch", dies_on_third_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate.run_eval(config, run_dir, tasks=tasks, models=["base"], executor="local")
+    records = [json.loads(line) for line in checkpoint.read_text().splitlines()]
+    assert len(records) == 2 and not (checkpoint.parent / "metrics.json").exists()
+
+    records[0]["result"]["output"] = "maybe, from the checkpoint"
+    checkpoint.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"key": "torn')
+    calls.clear()
+    metrics = evaluate.run_eval(config, run_dir, tasks=tasks, models=["base"], executor="local")
+    assert sum(calls) == len(YESNO) - 2  # only what the kill left unanswered
+    rows = [json.loads(line) for line in (checkpoint.parent / "predictions" / "base" / "yesno.jsonl").read_text().splitlines()]
+    assert sum(r["output"] == "maybe, from the checkpoint" for r in rows) == 1
+    assert metrics["results"]["base"]["yesno"]["0"]["accuracy"]["value"] == round(recompute("accuracy", rows), 6)
+    assert not checkpoint.exists() and (checkpoint.parent / "metrics.json").exists()
+
+    # Another model or adapter never reuses an answer.
+    request = evaluate.build_requests(load_tasks(tasks), {"base": None}, config, [])[0]
+    keys = {evaluate.ResultCheckpoint(None, {"base": identity}).key(request) for identity in ("a", "b")}
+    assert len(keys) == 2
+
+
 # -- the whole stage -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory) -> Path:

@@ -20,7 +20,9 @@ threads), so the base model is loaded once per replica whatever the number of ad
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shlex
 import sys
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from selfspec.config import ConfigError, RunConfig, dump_config
-from selfspec.io import RunDir, atomic_write_text, run_dir_for, write_json, write_jsonl
+from selfspec.io import RunDir, atomic_write_text, file_digest, run_dir_for, write_json, write_jsonl
 from selfspec.metrics import (
     bootstrap_values,
     bootstrap_weights,
@@ -278,11 +280,64 @@ def run_request_batch(backend, rows: list[dict[str, Any]]) -> list[dict[str, Any
     return [{"key": row["key"], "result": json.dumps(result)} for row, result in zip(rows, results)]
 
 
+class ResultCheckpoint:
+    """Finished request results, appended per batch to a JSONL file, so an evaluation
+    killed midway resumes where it stopped. A result is keyed by its request and the
+    identity of the model that answered it (the model section, the adapter's weights),
+    so a changed model or prompt never reuses a stale answer. A torn last line is ignored."""
+
+    def __init__(self, path: Path | None, identities: dict[str, str]):
+        self.path, self.identities = path, identities
+        self.done: dict[str, dict[str, Any]] = {}
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.done[record["key"]] = record["result"]
+
+    def key(self, request: dict[str, Any]) -> str:
+        blob = json.dumps([self.identities[request["model"]], request], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        if self.path is None or not records:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def model_identities(config: RunConfig, models: dict[str, str | None]) -> dict[str, str]:
+    """What decides a model's answers: the model section, plus an adapter's config and weights."""
+    base = config.section_hash("model")
+    identities = {}
+    for name, path in models.items():
+        parts = [base]
+        if path is not None:
+            parts += [file_digest(Path(path) / f) for f in ("adapter_config.json", "adapter_model.safetensors")
+                      if (Path(path) / f).is_file()]
+        identities[name] = "-".join(parts)
+    return identities
+
+
 def execute(
-    requests: list[dict[str, Any]], config: RunConfig, models: dict[str, str | None], executor: str = "ray"
+    requests: list[dict[str, Any]],
+    config: RunConfig,
+    models: dict[str, str | None],
+    executor: str = "ray",
+    checkpoint: ResultCheckpoint | None = None,
 ) -> list[dict[str, Any]]:
     """Run requests on model replicas (Ray Data actors, or in-process with executor="local"),
-    each holding the base and every adapter; results come back in request order."""
+    each holding the base and every adapter; results come back in request order. Requests
+    already in `checkpoint` are not run again; new results are added to it per batch."""
     from tqdm import tqdm
 
     from selfspec.execution import map_with_model
@@ -292,8 +347,19 @@ def execute(
         from selfspec.runtime import quiet_ray_data
 
         quiet_ray_data()
-    rows = [{"key": i, "request": json.dumps(r)} for i, r in enumerate(requests)]
-    with tqdm(total=len(rows), desc="eval", unit="request") as bar:
+    checkpoint = checkpoint or ResultCheckpoint(None, {})
+    keys = [checkpoint.key(r) for r in requests] if checkpoint.identities else [None] * len(requests)
+    results: list[dict[str, Any] | None] = [checkpoint.done.get(k) if k else None for k in keys]
+    rows = [{"key": i, "request": json.dumps(r)} for i, r in enumerate(requests) if results[i] is None]
+    done_before = len(requests) - len(rows)
+    if done_before:
+        print(f"eval: {done_before} of {len(requests)} requests answered before; resuming")
+
+    def finished(new_rows: list[dict[str, Any]]) -> None:
+        checkpoint.add([{"key": keys[row["key"]], "result": json.loads(row["result"])} for row in new_rows])
+        bar.update(len(new_rows))
+
+    with tqdm(total=len(requests), initial=done_before, desc="eval", unit="request") as bar:
         out = map_with_model(
             rows,
             run_request_batch,
@@ -304,9 +370,8 @@ def execute(
             num_cpus=cfg.num_cpus_per_replica,
             num_gpus=cfg.num_gpus_per_replica,
             adapters={name: path for name, path in models.items() if path is not None},
-            progress=bar.update,
+            progress=finished,
         )
-    results: list[dict[str, Any] | None] = [None] * len(requests)
     for row in out:
         results[row["key"]] = json.loads(row["result"])
     missing = sum(r is None for r in results)
@@ -586,7 +651,9 @@ def run_eval(
     directories (default: base plus the run's adapters); `executor` is "ray" (Ray Data
     model actors) or "local" (in-process). Writes, under `out` (default
     `runs/<name>/eval/`): metrics.json, predictions/<model>/<task>.jsonl, results.md,
-    report.html and config.yaml. Returns the metrics document.
+    report.html and config.yaml. Returns the metrics document. Until metrics.json is
+    written, partial-results.jsonl there holds every answered request, and a rerun
+    answers only the rest.
     """
     from selfspec.report import render_html, render_markdown
 
@@ -598,14 +665,18 @@ def run_eval(
     )
     seed_sets = load_demo_seeds(config, {t.domain for t in task_list}) if needs_seeds else []
     requests = build_requests(task_list, model_paths, config, seed_sets)
-    results = execute(requests, config, model_paths, executor)
+    folder = RunDir(out) if out else RunDir(run_dir.eval)
+    try:  # a remote eval folder is written whole at the end, without a checkpoint
+        checkpoint = ResultCheckpoint(folder.local() / "partial-results.jsonl", model_identities(config, model_paths))
+    except ValueError:
+        checkpoint = None
+    results = execute(requests, config, model_paths, executor, checkpoint)
     predictions = collect(task_list, model_paths, requests, results, config.eval.numeric_rel_tol)
     metrics = summarize(task_list, model_paths, predictions, config)
     metrics["command"] = command
     metrics["seconds"] = round(time.time() - started, 1)
     metrics["requests"] = len(requests)
 
-    folder = RunDir(out) if out else RunDir(run_dir.eval)
     for model, by_task in predictions.items():
         for task_name, rows in by_task.items():
             write_jsonl(folder.path("predictions", model, f"{task_name}.jsonl"), rows)
@@ -614,6 +685,8 @@ def run_eval(
     atomic_write_text(folder.path("report.html"), render_html(metrics, predictions, run_dir))
     # Written last: its presence marks a finished evaluation (the pipeline's ledger checks it).
     write_json(folder.path("metrics.json"), metrics)
+    if checkpoint is not None:
+        checkpoint.discard()
     return metrics
 
 

@@ -222,8 +222,8 @@ class Progress:
 
         self.bar = tqdm(total=total, desc=desc, unit="row", leave=False)
 
-    def __call__(self, n: int) -> None:
-        self.bar.update(n)
+    def __call__(self, rows: list) -> None:
+        self.bar.update(len(rows))
 
     def close(self) -> None:
         self.bar.close()
