@@ -273,6 +273,11 @@ def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_lo
         if not result["reliable"]:
             assert {r["output"] for r in rows if r["task"] == task} <= {result["majority_label"]}
             assert result["relabelled"] == sum(r["task"] == task for r in rows)
+    # Rows of those types are answered with that label directly: the model never labels them.
+    unreliable = {t for t, r in checked.items() if not r["reliable"]}
+    assert counts.get("fixed_label", 0) >= sum(checked[t]["relabelled"] for t in unreliable)
+    if unreliable == label_types:
+        assert counts["labelled"] == 0
     assert "label check on the seeds" in format_summary(summary)
 
     # A rerun with the same config finds everything done and generates nothing.

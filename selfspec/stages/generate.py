@@ -93,9 +93,8 @@ def write_responses(backend, rows: list[dict[str, Any]], params: SamplingParams,
             completions[i] = c
     out = []
     for row, c in zip(rows, completions):
-        row = {k: v for k, v in row.items() if k not in ("messages", "max_new_tokens")}
         out.append({
-            **row,
+            **without_prompt(row),
             "output": clean_response(c[0].text),
             "samples": [clean_response(x.text) for x in c],
             "finish_reason": c[0].finish_reason,
@@ -132,9 +131,13 @@ def score_labels(backend, rows: list[dict[str, Any]], adapter: str | None) -> li
     out = []
     for row, own, empty in zip(rows, *label_scores(backend, rows, adapter)):
         label = best_label(row["labels"], [a - b for a, b in zip(own, empty)])
-        row = {k: v for k, v in row.items() if k not in ("messages", "max_new_tokens", "labels")}
-        out.append({**row, "output": label, "samples": [label], "finish_reason": "stop", "completion_tokens": 0})
+        out.append({**without_prompt(row), "output": label, "samples": [label], "finish_reason": "stop", "completion_tokens": 0})
     return out
+
+
+def without_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """A row to answer, less what only the model needed (its prompt and budgets)."""
+    return {k: v for k, v in row.items() if k not in ("messages", "max_new_tokens", "labels")}
 
 
 def label_rows_and_step(rows: list[dict[str, Any]], gen, profiles: dict[str, TaskProfile], adapter: str | None):
@@ -341,9 +344,11 @@ def run_round(
     retriever=None,
     relevance: DomainRelevance | None = None,
     task_weights: dict[str, float] | None = None,
+    fixed_labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Generate, filter and answer one round; returns the shard's rows and counts.
-    `task_weights`: draw prompt task types in these proportions, not the seeds'."""
+    `task_weights`: draw prompt task types in these proportions, not the seeds'.
+    `fixed_labels`: label types answered with the given label, without asking the model."""
     gen = config.generate
     adapter = ADAPTER_NAME if gen.adapter else None
     adapters = {ADAPTER_NAME: gen.adapter} if gen.adapter else None
@@ -419,14 +424,20 @@ def run_round(
     instruction_tokens = sum(r["completion_tokens"] for r in raw)
 
     to_answer = response_rows(kept, seeds.seeds, gen.response_demos)
-    labelled = [r for r in to_answer if label_task(profiles, r["task"])]
+    fixed_labels = fixed_labels or {}
+    fixed = [
+        {**without_prompt(r), "output": fixed_labels[r["task"]], "samples": [fixed_labels[r["task"]]], "finish_reason": "stop", "completion_tokens": 0}
+        for r in to_answer
+        if r["task"] in fixed_labels
+    ]
+    labelled = [r for r in to_answer if label_task(profiles, r["task"]) and r["task"] not in fixed_labels]
     open_ended = [
         {**r, "max_new_tokens": response_budget(profiles.get(r["task"]), gen.response_max_new_tokens)}
         for r in to_answer
         if not label_task(profiles, r["task"])
     ]
     response_params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
-    answered = []
+    answered = fixed
     labelled, label_step = label_rows_and_step(labelled, gen, profiles, adapter)
     response_step = functools.partial(write_responses, params=response_params, adapter=adapter)
     for rows, step, what in ((labelled, label_step, "labels"), (open_ended, response_step, "responses")):
@@ -445,6 +456,7 @@ def run_round(
             "raw_instructions": raw_count,
             "kept_instructions": len(kept),
             "labelled": len(labelled),
+            "fixed_label": len(fixed),
             **repairs,
             "examples": len(examples),
         },
@@ -566,7 +578,10 @@ def run_generate(
         num_prompts = prompts_for_round(gen, target - counted, manifest["shards"], counted)
         weights = round_task_weights(usable(done), target, profiles) if done else {t: p.share for t, p in profiles.items()}
         weights = {t: 0.0 if t in dropped_types else w for t, w in weights.items()}
-        result = run_round(config, seeds, round, num_prompts, dedup, grounded_dedup, executor, config_hash, retriever, relevance, weights)
+        result = run_round(
+            config, seeds, round, num_prompts, dedup, grounded_dedup, executor, config_hash, retriever, relevance, weights,
+            fixed_labels={t: majority_seed_label(profiles[t]) for t in relabelled_types},
+        )
         shard_file = f"shards/round-{round:04d}.parquet"
         examples = result.pop("examples")
         write_parquet(data(shard_file), examples, schema=example_schema())
