@@ -404,6 +404,29 @@ def data_quality_html(profile: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+LABEL_CHECK_NOTE = (
+    "Label check: before round 1 the model labelled each seed of every label type the way it labels rows "
+    "(the other seeds of the type as demos). A type whose labels are right no more often than the seeds' "
+    "majority label is unreliable: its rows take that label, or are not made."
+)
+
+
+def label_check_rows(checked: dict[str, Any]) -> tuple[list[str], list[list[tuple[str, str]]]]:
+    """The generation summary's label check: per label type, how the model's labels did on the seeds."""
+    from selfspec.data_profile import task_name
+
+    rows = []
+    for task, r in checked.items():
+        if r["reliable"]:
+            verdict, css = "reliable: the model's labels", "flat"
+        elif "majority_label" in r:
+            verdict, css = f"unreliable: {r['relabelled']} rows answer '{r['majority_label']}'", "down"
+        else:
+            verdict, css = "unreliable: no rows", "down"
+        rows.append([(task_name(task), ""), (str(r["right"]), ""), (f"{r['prior_right']:g}", ""), (str(r["seeds"]), ""), (verdict, css)])
+    return ["Task type", "Right", "Majority label right", "Seeds", "Verdict"], rows
+
+
 def render_html(
     metrics: dict[str, Any], predictions: dict[str, dict[str, list[dict[str, Any]]]], run_dir: RunDir
 ) -> str:
@@ -440,6 +463,8 @@ def render_html(
         parts += ["<h2>Data generation</h2>", _img(funnel_figure(summary), "data generation funnel")]
         if summary.get("profile"):
             parts.append(data_quality_html(summary["profile"]))
+        if summary.get("label_check"):
+            parts += [f"<p class='note'>{html.escape(LABEL_CHECK_NOTE)}</p>", _html_table(*label_check_rows(summary["label_check"]))]
     if train:
         parts += ["<h2>Training</h2>", _img(loss_figure(train), "training loss curve")]
     parts.append("<h2>Sample predictions</h2><p class='note'>Parsed answer and its score; examples where models disagree first.</p>")

@@ -543,6 +543,10 @@ def test_eval_cli_end_to_end(ray_local, adapter_dir, tmp_path, capsys):
     (run / "data" / "summary.json").write_text(json.dumps({
         "counts": {"prompts": 10, "raw_instructions": 25, "kept_instructions": 12, "examples": 11},
         "drops": {"instruction": {"rouge_duplicate": 9, "too_short": 4}, "response": {"empty": 1}},
+        "label_check": {
+            "yes_no_qa": {"seeds": 9, "right": 4, "prior_right": 4, "reliable": False, "majority_label": "yes", "relabelled": 61},
+            "drug_drug_interaction": {"seeds": 9, "right": 4, "prior_right": 2, "reliable": True},
+        },
     }))
     code = main([
         "eval", "--tasks", str(tasks), "--models", f"base,{adapter_dir}",
@@ -587,6 +591,8 @@ def test_eval_cli_end_to_end(ray_local, adapter_dir, tmp_path, capsys):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", report, re.IGNORECASE)
     assert 'src="http' not in report
     assert report.count('src="data:image/png;base64,') == 3  # per task, funnel, loss curve
+    assert "Label check:" in report and "unreliable: 61 rows answer &#x27;yes&#x27;" in report
+    assert "<td>drug_drug_interaction</td><td>4</td><td>2</td><td>9</td><td class=\"flat\">reliable" in report
 
 
 def test_report_shows_typed_entity_answers():

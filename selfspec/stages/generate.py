@@ -192,6 +192,8 @@ def load_seed_sets(config: RunConfig) -> list[SeedSet]:
 
 # Keys that choose how many of the generated rows to keep, not how a row is made: a run's
 # shards stay valid when they change (raise the target and generation goes on from them).
+# unreliable_labels also spares the model labelling rows whose label it replaces; rows made
+# that way keep the majority label if the key later becomes `keep`.
 SELECTION_KEYS = {
     "target", "max_rounds", "prompts_per_round", "expected_yield", "balance_labels", "label_tolerance", "unreliable_labels",
 }
