@@ -1,7 +1,8 @@
 """`selfspec inspect`: a generated dataset's profile and a few random rows, for a person to judge.
 
 Reads the run's `data/examples.parquet` (or any Parquet, Alpaca JSON/JSONL or chat
-JSONL file), prints `data_profile.format_profile` against the config's seeds, then
+JSONL file), prints `data_profile.format_profile` against the seeds the rows came from
+(the config's, or those of the run's own config.yaml when the rows name other seeds), then
 N rows drawn with a fixed seed, each with its task type, text and provenance.
 """
 
@@ -11,9 +12,10 @@ import json
 import random
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
-from selfspec.config import RunConfig
+from selfspec.config import RunConfig, load_config
 from selfspec.data_profile import format_profile, profile, task_name
 from selfspec.io import exists, read_bytes, read_parquet, run_dir_for
 from selfspec.seeds import find_seed_file, load_seeds
@@ -105,6 +107,24 @@ def render(examples: list[dict[str, Any]], seeds: list[dict[str, Any]], rows: in
     return "\n".join(parts)
 
 
+def profile_seeds(config: RunConfig, examples: list[dict[str, Any]], path: str) -> list[dict[str, Any]]:
+    """The seeds to profile rows against: the config's, unless the rows name none of those and
+    the run's own config.yaml (beside the file's data/ folder) names the seeds they came from."""
+    def seeds_of(cfg: RunConfig) -> list[dict[str, Any]]:
+        return [s for name in cfg.generate.seeds for s in load_seeds(find_seed_file(name)).seeds]
+
+    seeds = seeds_of(config)
+    named = {i for row in examples for i in row["seed_ids"]}
+    if not named or named & {s["id"] for s in seeds}:
+        return seeds
+    run_config = Path(str(path).removeprefix("file://")).parent.parent / "config.yaml"
+    if run_config.is_file():
+        theirs = seeds_of(load_config(str(run_config)))
+        if named & {s["id"] for s in theirs}:
+            return theirs
+    return seeds
+
+
 def cli(config: RunConfig, args) -> int:
     path = args.file or run_dir_for(config).path("data", "examples.parquet")
     try:
@@ -113,7 +133,7 @@ def cli(config: RunConfig, args) -> int:
         message = str(exc) if str(exc).startswith(path) else f"{path}: {exc}"
         print(f"selfspec inspect: error: {message}", file=sys.stderr)
         return 2
-    seeds = [s for name in config.generate.seeds for s in load_seeds(find_seed_file(name)).seeds]
+    seeds = profile_seeds(config, examples, path)
     if args.task is not None and not any(row["task"] == args.task for row in examples):
         known = ", ".join(sorted({task_name(row["task"]) for row in examples}))
         print(f"selfspec inspect: no rows with task '{args.task}' in {path} (tasks: {known})", file=sys.stderr)

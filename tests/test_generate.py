@@ -275,6 +275,7 @@ def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_lo
             assert result["relabelled"] == sum(r["task"] == task for r in rows)
     # Rows of those types are answered with that label directly: the model never labels them.
     unreliable = {t for t, r in checked.items() if not r["reliable"]}
+    assert counts.get("fixed_label", 0) == sum(by_task.get(t, {}).get("kept_instructions", 0) for t in unreliable)
     assert counts.get("fixed_label", 0) >= sum(checked[t]["relabelled"] for t in unreliable)
     if unreliable == label_types:
         assert counts["labelled"] == 0

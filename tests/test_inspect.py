@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from selfspec.cli import main
+from selfspec.config import dump_config, load_config
 from selfspec.data_profile import format_profile, profile, seed_labels
 from selfspec.io import write_parquet
 from selfspec.report import data_quality_html
@@ -124,6 +125,20 @@ def test_cli_prints_profile_and_seeded_random_rows(run, capsys):
     assert "--- row 1 of 6 | yes_no_qa | label yes | round 0 | seeds s1, s2 | passages pub-1 | id ex1" in out
     assert "instruction: Instruction number 1.\ninput: Trial D.\noutput: Yes." in out
     assert "--- row 6 of 6 | open_qa | round 1 | seeds s1, s2 | passages - | id ex6" in out
+
+
+def test_rows_are_profiled_against_the_seeds_they_came_from(run, capsys):
+    """Without the run's seed override, the rows name none of the shipped seeds: the profile
+    takes the seeds from the run's own config.yaml beside the data folder."""
+    overrides, path = run
+    seeds_override = [o for o in overrides if o.startswith("generate.seeds=")]
+    config = load_config(None, seeds_override)
+    (path.parent.parent / "config.yaml").write_text(dump_config(config))
+    assert main(["inspect", "--file", str(path), "--rows", "0"]) == 0
+    assert "yes_no_qa           4   66.7%      3   60.0%" in capsys.readouterr().out
+    (path.parent.parent / "config.yaml").unlink()
+    assert main(["inspect", "--file", str(path), "--rows", "0"]) == 0  # the default seeds, then
+    assert "yes_no_qa           4   66.7%      3   60.0%" not in capsys.readouterr().out
 
 
 def test_cli_task_filter_truncates_long_input(run, capsys):

@@ -439,7 +439,7 @@ def run_round(
         if not label_task(profiles, r["task"])
     ]
     response_params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
-    answered = fixed
+    answered = list(fixed)
     labelled, label_step = label_rows_and_step(labelled, gen, profiles, adapter)
     response_step = functools.partial(write_responses, params=response_params, adapter=adapter)
     for rows, step, what in ((labelled, label_step, "labels"), (open_ended, response_step, "responses")):
