@@ -449,7 +449,7 @@ def test_killed_evaluation_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
     # Another model or adapter never reuses an answer.
     request = evaluate.build_requests(load_tasks(tasks), {"base": None}, config, [])[0]
-    keys = {evaluate.ResultCheckpoint(None, {"base": identity}).key(request) for identity in ("a", "b")}
+    keys = {evaluate.ResultCheckpoint(checkpoint, {"base": identity}).key(request) for identity in ("a", "b")}
     assert len(keys) == 2
 
 

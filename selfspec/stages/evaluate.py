@@ -286,10 +286,10 @@ class ResultCheckpoint:
     identity of the model that answered it (the model section, the adapter's weights),
     so a changed model or prompt never reuses a stale answer. A torn last line is ignored."""
 
-    def __init__(self, path: Path | None, identities: dict[str, str]):
+    def __init__(self, path: Path, identities: dict[str, str]):
         self.path, self.identities = path, identities
         self.done: dict[str, dict[str, Any]] = {}
-        if path is not None and path.is_file():
+        if path.is_file():
             for line in path.read_text().splitlines():
                 try:
                     record = json.loads(line)
@@ -302,7 +302,7 @@ class ResultCheckpoint:
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def add(self, records: list[dict[str, Any]]) -> None:
-        if self.path is None or not records:
+        if not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
@@ -311,8 +311,7 @@ class ResultCheckpoint:
             os.fsync(f.fileno())
 
     def discard(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
 
 
 def model_identities(config: RunConfig, models: dict[str, str | None]) -> dict[str, str]:
@@ -347,16 +346,16 @@ def execute(
         from selfspec.runtime import quiet_ray_data
 
         quiet_ray_data()
-    checkpoint = checkpoint or ResultCheckpoint(None, {})
-    keys = [checkpoint.key(r) for r in requests] if checkpoint.identities else [None] * len(requests)
-    results: list[dict[str, Any] | None] = [checkpoint.done.get(k) if k else None for k in keys]
+    keys = [checkpoint.key(r) for r in requests] if checkpoint is not None else []
+    results: list[dict[str, Any] | None] = [checkpoint.done.get(k) for k in keys] if checkpoint is not None else [None] * len(requests)
     rows = [{"key": i, "request": json.dumps(r)} for i, r in enumerate(requests) if results[i] is None]
     done_before = len(requests) - len(rows)
     if done_before:
         print(f"eval: {done_before} of {len(requests)} requests answered before; resuming")
 
     def finished(new_rows: list[dict[str, Any]]) -> None:
-        checkpoint.add([{"key": keys[row["key"]], "result": json.loads(row["result"])} for row in new_rows])
+        if checkpoint is not None:
+            checkpoint.add([{"key": keys[row["key"]], "result": json.loads(row["result"])} for row in new_rows])
         bar.update(len(new_rows))
 
     with tqdm(total=len(requests), initial=done_before, desc="eval", unit="request") as bar:

@@ -130,14 +130,18 @@ def score_labels(backend, rows: list[dict[str, Any]], adapter: str | None) -> li
     holds it alone: no vote to take)."""
     out = []
     for row, own, empty in zip(rows, *label_scores(backend, rows, adapter)):
-        label = best_label(row["labels"], [a - b for a, b in zip(own, empty)])
-        out.append({**without_prompt(row), "output": label, "samples": [label], "finish_reason": "stop", "completion_tokens": 0})
+        out.append(answered_with(row, best_label(row["labels"], [a - b for a, b in zip(own, empty)])))
     return out
 
 
 def without_prompt(row: dict[str, Any]) -> dict[str, Any]:
     """A row to answer, less what only the model needed (its prompt and budgets)."""
     return {k: v for k, v in row.items() if k not in ("messages", "max_new_tokens", "labels")}
+
+
+def answered_with(row: dict[str, Any], label: str) -> dict[str, Any]:
+    """A label row answered with one label and no sampled text: no vote to take."""
+    return {**without_prompt(row), "output": label, "samples": [label], "finish_reason": "stop", "completion_tokens": 0}
 
 
 def label_rows_and_step(rows: list[dict[str, Any]], gen, profiles: dict[str, TaskProfile], adapter: str | None):
@@ -427,11 +431,7 @@ def run_round(
 
     to_answer = response_rows(kept, seeds.seeds, gen.response_demos)
     fixed_labels = fixed_labels or {}
-    fixed = [
-        {**without_prompt(r), "output": fixed_labels[r["task"]], "samples": [fixed_labels[r["task"]]], "finish_reason": "stop", "completion_tokens": 0}
-        for r in to_answer
-        if r["task"] in fixed_labels
-    ]
+    fixed = [answered_with(r, fixed_labels[r["task"]]) for r in to_answer if r["task"] in fixed_labels]
     labelled = [r for r in to_answer if label_task(profiles, r["task"]) and r["task"] not in fixed_labels]
     open_ended = [
         {**r, "max_new_tokens": response_budget(profiles.get(r["task"]), gen.response_max_new_tokens)}
