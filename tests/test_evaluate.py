@@ -412,22 +412,22 @@ def test_generation_scoring_extracts_labels(fp32_backend, tmp_path):
         assert parsed == extract_label(result["output"], ["yes", "no", "maybe"])
 
 
-def test_killed_evaluation_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    """Results are checkpointed per batch: a rerun answers only what is missing, reuses
-    what was answered (even a hand-edited answer proves it), skips a torn last line, and
-    removes the checkpoint once metrics.json is written."""
+def test_evaluation_answers_only_what_its_folder_lacks(tmp_path, monkeypatch, adapter_dir):
+    """Answers are stored per batch: a rerun after a kill answers only what is missing,
+    reuses what was answered (even a hand-edited answer proves it) and skips a torn last
+    line; once finished, an evaluation with another adapter answers only that adapter's."""
     import selfspec.stages.evaluate as evaluate
     from selfspec.io import RunDir
 
     tasks = [str(yesno_task(tmp_path / "bio" / "yesno"))]
     config = tiny_config(tmp_path, shots=[0], scoring="generate", max_examples=4, batch_size=1, max_new_tokens=4)
     run_dir = RunDir(str(tmp_path / "runs" / "t"))
-    checkpoint = tmp_path / "runs" / "t" / "eval" / "partial-results.jsonl"
+    checkpoint = tmp_path / "runs" / "t" / "eval" / "answers.jsonl"
     real_batch, calls = evaluate.run_request_batch, []
 
     def dies_on_third_batch(backend, rows):
         calls.append(len(rows))
-        if len(calls) == 3:
+        if len(calls) == 3 and not (checkpoint.parent / "predictions").exists():  # the first run only
             raise RuntimeError("killed")
         return real_batch(backend, rows)
 
@@ -445,11 +445,16 @@ def test_killed_evaluation_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (checkpoint.parent / "predictions" / "base" / "yesno.jsonl").read_text().splitlines()]
     assert sum(r["output"] == "maybe, from the checkpoint" for r in rows) == 1
     assert metrics["results"]["base"]["yesno"]["0"]["accuracy"]["value"] == round(recompute("accuracy", rows), 6)
-    assert not checkpoint.exists() and (checkpoint.parent / "metrics.json").exists()
+    assert len(checkpoint.read_text().splitlines()) == len(YESNO)  # the torn line was cut
+
+    calls.clear()
+    both = evaluate.run_eval(config, run_dir, tasks=tasks, models=["base", str(adapter_dir)], executor="local")
+    assert sum(calls) == len(YESNO)  # the adapter's requests only
+    assert both["results"]["base"] == metrics["results"]["base"]
 
     # Another model or adapter never reuses an answer.
     request = evaluate.build_requests(load_tasks(tasks), {"base": None}, config, [])[0]
-    keys = {evaluate.ResultCheckpoint(checkpoint, {"base": identity}).key(request) for identity in ("a", "b")}
+    keys = {evaluate.AnswerStore(checkpoint, {"base": identity}).key(request) for identity in ("a", "b")}
     assert len(keys) == 2
 
 

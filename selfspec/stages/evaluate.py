@@ -280,17 +280,24 @@ def run_request_batch(backend, rows: list[dict[str, Any]]) -> list[dict[str, Any
     return [{"key": row["key"], "result": json.dumps(result)} for row, result in zip(rows, results)]
 
 
-class ResultCheckpoint:
-    """Finished request results, appended per batch to a JSONL file, so an evaluation
-    killed midway resumes where it stopped. A result is keyed by its request and the
-    identity of the model that answered it (the model section, the adapter's weights),
-    so a changed model or prompt never reuses a stale answer. A torn last line is ignored."""
+class AnswerStore:
+    """Finished request results, appended per batch to a JSONL file and kept, so an
+    evaluation killed midway resumes where it stopped, and a later evaluation in the same
+    folder (a round-2 adapter beside round 1's, 3-shot beside 0-shot) answers only its new
+    requests. A result is keyed by its request and the identity of the model that answered
+    it (the model section, the adapter's weights), so a changed model or prompt never
+    reuses a stale answer. A torn last line (a kill mid-write) is cut."""
 
     def __init__(self, path: Path, identities: dict[str, str]):
         self.path, self.identities = path, identities
         self.done: dict[str, dict[str, Any]] = {}
         if path.is_file():
-            for line in path.read_text().splitlines():
+            text = path.read_text()
+            if text and not text.endswith("\n"):  # cut a torn last line, so appends start clean
+                text = text[: text.rfind("\n") + 1]
+                with open(path, "r+") as f:
+                    f.truncate(len(text.encode()))
+            for line in text.splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
@@ -309,9 +316,6 @@ class ResultCheckpoint:
             f.write("".join(json.dumps(r) + "\n" for r in records))
             f.flush()
             os.fsync(f.fileno())
-
-    def discard(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 def model_identities(config: RunConfig, models: dict[str, str | None]) -> dict[str, str]:
@@ -332,7 +336,7 @@ def execute(
     config: RunConfig,
     models: dict[str, str | None],
     executor: str = "ray",
-    checkpoint: ResultCheckpoint | None = None,
+    checkpoint: AnswerStore | None = None,
 ) -> list[dict[str, Any]]:
     """Run requests on model replicas (Ray Data actors, or in-process with executor="local"),
     each holding the base and every adapter; results come back in request order. Requests
@@ -351,7 +355,7 @@ def execute(
     rows = [{"key": i, "request": json.dumps(r)} for i, r in enumerate(requests) if results[i] is None]
     done_before = len(requests) - len(rows)
     if done_before:
-        print(f"eval: {done_before} of {len(requests)} requests answered before; resuming")
+        print(f"eval: {done_before} of {len(requests)} requests answered before (answers.jsonl); answering the other {len(rows)}")
 
     def finished(new_rows: list[dict[str, Any]]) -> None:
         if checkpoint is not None:
@@ -650,8 +654,8 @@ def run_eval(
     directories (default: base plus the run's adapters); `executor` is "ray" (Ray Data
     model actors) or "local" (in-process). Writes, under `out` (default
     `runs/<name>/eval/`): metrics.json, predictions/<model>/<task>.jsonl, results.md,
-    report.html and config.yaml. Returns the metrics document. Until metrics.json is
-    written, partial-results.jsonl there holds every answered request, and a rerun
+    report.html and config.yaml. Returns the metrics document. answers.jsonl there holds
+    every answered request: a rerun (after a kill, or with more models, tasks or shots)
     answers only the rest.
     """
     from selfspec.report import render_html, render_markdown
@@ -666,7 +670,7 @@ def run_eval(
     requests = build_requests(task_list, model_paths, config, seed_sets)
     folder = RunDir(out) if out else RunDir(run_dir.eval)
     try:  # a remote eval folder is written whole at the end, without a checkpoint
-        checkpoint = ResultCheckpoint(folder.local() / "partial-results.jsonl", model_identities(config, model_paths))
+        checkpoint = AnswerStore(folder.local() / "answers.jsonl", model_identities(config, model_paths))
     except ValueError:
         checkpoint = None
     results = execute(requests, config, model_paths, executor, checkpoint)
@@ -684,8 +688,6 @@ def run_eval(
     atomic_write_text(folder.path("report.html"), render_html(metrics, predictions, run_dir))
     # Written last: its presence marks a finished evaluation (the pipeline's ledger checks it).
     write_json(folder.path("metrics.json"), metrics)
-    if checkpoint is not None:
-        checkpoint.discard()
     return metrics
 
 
