@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -360,32 +361,81 @@ def test_masked_dropout_keeps_the_share_and_scale_of_nn_dropout():
     assert torch.all(out[kept] == torch.tensor(1 / 0.95, dtype=torch.bfloat16))
     torch.manual_seed(0)
     assert torch.equal(dropout(x), out)  # torch's generator: seeded runs repeat
-    # no lane of a random word is favoured (the high lane holds the word's sign bit, unused)
-    lanes = kept.flatten()[: 3 * 300_000].view(-1, 3).float().mean(dim=0)
-    assert torch.allclose(lanes, torch.full((3,), 0.95), atol=0.003)
+    # no lane of a random word is favoured (the words span the full 64 bits, sign included)
+    lanes = kept.flatten()[: 4 * 240_000].view(-1, 4).float().mean(dim=0)
+    assert torch.allclose(lanes, torch.full((4,), 0.95), atol=0.003)
     assert dropout.eval()(x) is x
 
 
+def test_low_rank_forward_is_peft_lora_arithmetic(tokenizer):
+    """The CPU forward of plain LoRA layers (scalings on the rank-r activations, the update
+    inside addmm) gives PEFT's loss and gradients, with dropout on: the same masks are drawn
+    from the same seed. fp32, so only rounding order differs."""
+    cfg = TrainConfig(max_seq_len=64, batch_size=4, dropout=0.1)
+    model, tok = T.load_lora_model(MODEL, cfg, CPU, None)
+    records, _ = T.tokenize_examples(make_examples(4), tok, "chat", cfg.max_seq_len)
+    batch = T.collate(records, tok.pad_token_id)
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all("forward" in vars(m) for m in layers)  # the fast forward is installed
+    with torch.no_grad():  # PEFT starts lora_B at zero: give the update something to add
+        for m in layers:
+            m.lora_B["default"].weight.normal_(std=0.02)
+    model.train()
+    results = []
+    for fast in (True, False):
+        for m in layers:
+            if fast:
+                m.forward = types.MethodType(T.low_rank_forward, m)
+            else:
+                del m.forward  # PEFT's own
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        loss = T.response_loss_sum(model, batch, None)
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+    (fast, fast_grad), (peft, peft_grad) = results
+    assert fast == pytest.approx(peft, rel=1e-5)
+    assert ((fast_grad - peft_grad).norm() / peft_grad.norm()).item() < 1e-5, (fast_grad - peft_grad).abs().max()
+    # eval mode: no dropout, and the base's output plus the scaled update
+    model.eval()
+    with torch.no_grad():
+        x = torch.randn(2, 5, layers[0].in_features)
+        expected = type(layers[0]).forward(layers[0], x)
+        for m in layers:
+            m.forward = types.MethodType(T.low_rank_forward, m)
+        assert torch.allclose(layers[0](x), expected, atol=1e-5)
+
+
 def test_fast_lora_inputs_equal_peft_layers_in_bf16(tokenizer):
-    """MaskedDropout at p=0 and no fp32 copy of the input: the same loss and gradients as
-    PEFT's own layers under bf16 autocast (the input was cast to fp32 and straight back)."""
+    """Under bf16 autocast the fast layers (no fp32 copy of the input, the scalings on the
+    rank-r activations, the update inside addmm) match PEFT's own layers, which cast the
+    input to fp32 and straight back, within bf16 rounding."""
     cfg = TrainConfig(max_seq_len=64, batch_size=4, dropout=0.0)
     amp = torch.bfloat16
     model, tok = T.load_lora_model(MODEL, cfg, CPU, amp)
     records, _ = T.tokenize_examples(make_examples(4), tok, "chat", cfg.max_seq_len)
     batch = T.collate(records, tok.pad_token_id)
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     assert layers and all(not m.cast_input_dtype_enabled for m in layers)
-    results = []
-    for cast in (False, True):
+    with torch.no_grad():
         for m in layers:
-            m.cast_input_dtype_enabled = cast
+            m.lora_B["default"].weight.normal_(std=0.02)
+    results = []
+    for fast in (True, False):
+        for m in layers:
+            m.cast_input_dtype_enabled = not fast
+            if not fast:
+                del m.forward
         model.zero_grad(set_to_none=True)
         loss = T.response_loss_sum(model, batch, amp)
         loss.backward()
         results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
     (fast, fast_grad), (peft, peft_grad) = results
-    assert fast == peft
-    assert torch.equal(fast_grad, peft_grad)
+    # bf16 rounds at other points: both stay as close to each other as bf16 runs are to fp32 (0.2-0.4%)
+    assert fast == pytest.approx(peft, rel=1e-2)
+    cosine = torch.nn.functional.cosine_similarity(fast_grad, peft_grad, dim=0).item()
+    assert cosine >= 0.99, cosine
