@@ -402,3 +402,38 @@ def test_calibrated_labels_are_each_labels_score_less_its_content_free_score(bac
         best = max(range(len(own)), key=lambda i: own[i] - empty[i])
         assert out["output"] == row["labels"][best] and out["samples"] == [out["output"]]
         assert out["id"] == row["id"] and "messages" not in out and "labels" not in out
+
+
+def test_one_model_pass_serves_every_kind_of_row(backend):
+    """A round's instruction prompts of every kind (free, over a given passage) go through
+    one pass, each kind with its own sampling; label and response rows likewise. Each row
+    gets what a pass of its kind alone gives it (greedy), in the order given."""
+    import functools
+
+    from selfspec.models import SamplingParams
+    from selfspec.stages.generate import answer_batch, score_labels, write_instructions, write_responses
+    from selfspec.stages.generate_responses import build_response_messages
+
+    prompts = ["1. Instruction: Name a symptom of influenza.\n2. Instruction:",
+               "Input: Aspirin irreversibly inhibits COX-1.\nInstruction:",
+               "1. Instruction: Define hypertension.\n2. Instruction:"]
+    rows = [{"prompt_id": f"r1-p{i}", "prompt": p, "sampling": kind} for i, (p, kind) in enumerate(zip(prompts, ["free", "given", "free"]))]
+    sampling = {"free": SamplingParams(max_new_tokens=12, seed=0), "given": SamplingParams(max_new_tokens=4, stop=("\n",), seed=0)}
+    together = write_instructions(backend, rows, sampling, None)
+    assert [r["prompt_id"] for r in together] == ["r1-p0", "r1-p1", "r1-p2"]
+    for kind in sampling:
+        alone = write_instructions(backend, [r for r in rows if r["sampling"] == kind], {kind: sampling[kind]}, None)
+        assert [r["completion"] for r in alone] == [r["completion"] for r in together if r["sampling"] == kind]
+    assert together[1]["completion_tokens"] <= 4 < together[0]["completion_tokens"]
+
+    demo = {"instruction": "Classify the sentiment of the sentence.", "input": "Profit fell by half.", "output": "negative"}
+    label_row = {"id": "a", "instruction": demo["instruction"], "input": "Sales rose 20%.", "labels": ["positive", "negative"]}
+    response_row = {"id": "b", "instruction": "Explain what EBITDA measures.", "input": ""}
+    for row in (label_row, response_row):
+        row["messages"] = build_response_messages(row["instruction"], row["input"], [demo])
+    steps = {"label": functools.partial(score_labels, adapter=None),
+             "response": functools.partial(write_responses, params=SamplingParams(max_new_tokens=8), adapter=None)}
+    mixed = answer_batch(backend, [{**response_row, "answer_step": "response"}, {**label_row, "answer_step": "label"}], steps)
+    assert [r["id"] for r in mixed] == ["b", "a"]
+    assert mixed[1]["output"] == score_labels(backend, [label_row], None)[0]["output"]
+    assert mixed[0]["output"] == write_responses(backend, [response_row], SamplingParams(max_new_tokens=8), None)[0]["output"]

@@ -14,7 +14,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from selfspec.config import ConfigError, RunConfig, dump_config
 from selfspec.data_profile import profile
@@ -73,13 +73,35 @@ ADAPTER_NAME = "specialized"
 
 
 # -- batch functions run inside model replicas (picklable, pure over rows) ----------
-def write_instructions(backend, rows: list[dict[str, Any]], params: SamplingParams, adapter: str | None) -> list[dict[str, Any]]:
-    seed = None if params.seed is None else params.seed + sum(map(ord, rows[0]["prompt_id"]))
-    completions = backend.generate([r["prompt"] for r in rows], replace(params, seed=seed), adapters=adapter)
-    return [
-        {**row, "completion": c[0].text, "finish_reason": c[0].finish_reason, "completion_tokens": c[0].completion_tokens}
-        for row, c in zip(rows, completions)
-    ]
+def write_instructions(
+    backend, rows: list[dict[str, Any]], params: dict[str, SamplingParams], adapter: str | None
+) -> list[dict[str, Any]]:
+    """Complete instruction prompts; a row's `sampling` names its entry of `params` (free
+    tasks, an instruction line for a given passage, an input field then that line)."""
+    out: list[dict[str, Any]] = [{} for _ in rows]
+    for kind, kind_params in params.items():
+        index = [i for i, r in enumerate(rows) if r["sampling"] == kind]
+        if not index:
+            continue
+        first = rows[index[0]]["prompt_id"]
+        seed = None if kind_params.seed is None else kind_params.seed + sum(map(ord, first))
+        completions = backend.generate([rows[i]["prompt"] for i in index], replace(kind_params, seed=seed), adapters=adapter)
+        for i, c in zip(index, completions):
+            out[i] = {**rows[i], "completion": c[0].text, "finish_reason": c[0].finish_reason,
+                      "completion_tokens": c[0].completion_tokens}
+    return out
+
+
+def answer_batch(backend, rows: list[dict[str, Any]], steps: dict[str, Callable]) -> list[dict[str, Any]]:
+    """Answer rows with the step their `answer_step` names (labels scored or sampled, free
+    responses written): one model pass serves every kind of row of a round."""
+    out: list[dict[str, Any]] = [{} for _ in rows]
+    for kind, step in steps.items():
+        index = [i for i, r in enumerate(rows) if r["answer_step"] == kind]
+        if index:
+            for i, answered in zip(index, step(backend, [rows[i] for i in index])):
+                out[i] = answered
+    return out
 
 
 def write_responses(backend, rows: list[dict[str, Any]], params: SamplingParams, adapter: str | None) -> list[dict[str, Any]]:
@@ -379,15 +401,15 @@ def run_round(
     one_line = replace(params, stop=("\n",), temperature=given_temperature)
     # An input field, then the instruction line: stop at the blank line after it.
     field_then_line = replace(params, stop=("\n\n", f"\n{next_number}.", *ITEM_END_STOPS), temperature=given_temperature)
-    groups = (
-        ([p for p in prompts if not p["given_input"]], params),
-        ([p for p in prompts if p["given_input"] and not p.get("open_field")], one_line),
-        ([p for p in prompts if p["given_input"] and p.get("open_field")], field_then_line),
-    )
-    raw = []
-    for rows, row_params in groups:
-        if rows:
-            raw += _map(rows, functools.partial(write_instructions, params=row_params, adapter=adapter), config, executor, adapters, f"round {round}: instructions")
+    sampling = {"free": params, "given": one_line, "field": field_then_line}
+
+    def kind(prompt: dict[str, Any]) -> str:
+        return "field" if prompt.get("open_field") else "given" if prompt["given_input"] else "free"
+
+    # One model pass for all prompts, sorted by kind so that batches share their sampling.
+    order = list(sampling)
+    rows = sorted(({**p, "sampling": kind(p)} for p in prompts), key=lambda p: order.index(p["sampling"]))
+    raw = _map(rows, functools.partial(write_instructions, params=sampling, adapter=adapter), config, executor, adapters, f"round {round}: instructions")
     raw.sort(key=lambda r: r["prompt_id"])
     drops: Counter[str] = Counter()
     items = parse_round(raw, gen, drops, profiles)
@@ -439,12 +461,13 @@ def run_round(
         if not label_task(profiles, r["task"])
     ]
     response_params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
-    answered = list(fixed)
     labelled, label_step = label_rows_and_step(labelled, gen, profiles, adapter)
-    response_step = functools.partial(write_responses, params=response_params, adapter=adapter)
-    for rows, step, what in ((labelled, label_step, "labels"), (open_ended, response_step, "responses")):
-        if rows:
-            answered += _map(rows, step, config, executor, adapters, f"round {round}: {what}")
+    steps = {"label": label_step, "response": functools.partial(write_responses, params=response_params, adapter=adapter)}
+    to_model = [{**r, "answer_step": "label"} for r in labelled] + [{**r, "answer_step": "response"} for r in open_ended]
+    answered = list(fixed) + [
+        {k: v for k, v in r.items() if k != "answer_step"}
+        for r in _map(to_model, functools.partial(answer_batch, steps=steps), config, executor, adapters, f"round {round}: answers")
+    ]
     response_drops: Counter[str] = Counter()
     seed_answers = {
         task: [rouge_tokens(s["output"]) for s in members] for task, members in seeds_by_task(seeds.seeds).items()
