@@ -447,10 +447,12 @@ def test_evaluation_answers_only_what_its_folder_lacks(tmp_path, monkeypatch, ad
     assert metrics["results"]["base"]["yesno"]["0"]["accuracy"]["value"] == round(recompute("accuracy", rows), 6)
     assert len(checkpoint.read_text().splitlines()) == len(YESNO)  # the torn line was cut
 
-    calls.clear()
-    both = evaluate.run_eval(config, run_dir, tasks=tasks, models=["base", str(adapter_dir)], executor="local")
+    calls.clear()  # a report elsewhere (--out) still draws on the run's answers
+    elsewhere = tmp_path / "elsewhere"
+    both = evaluate.run_eval(config, run_dir, tasks=tasks, models=["base", str(adapter_dir)], out=str(elsewhere), executor="local")
     assert sum(calls) == len(YESNO)  # the adapter's requests only
     assert both["results"]["base"] == metrics["results"]["base"]
+    assert (elsewhere / "metrics.json").exists() and not (elsewhere / "answers.jsonl").exists()
 
     # Another model or adapter never reuses an answer.
     request = evaluate.build_requests(load_tasks(tasks), {"base": None}, config, [])[0]

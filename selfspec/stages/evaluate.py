@@ -654,9 +654,9 @@ def run_eval(
     directories (default: base plus the run's adapters); `executor` is "ray" (Ray Data
     model actors) or "local" (in-process). Writes, under `out` (default
     `runs/<name>/eval/`): metrics.json, predictions/<model>/<task>.jsonl, results.md,
-    report.html and config.yaml. Returns the metrics document. answers.jsonl there holds
-    every answered request: a rerun (after a kill, or with more models, tasks or shots)
-    answers only the rest.
+    report.html and config.yaml. Returns the metrics document. The run's
+    `eval/answers.jsonl` holds every answered request: a rerun (after a kill, or with more
+    models, tasks or shots, or another `out`) answers only the rest.
     """
     from selfspec.report import render_html, render_markdown
 
@@ -669,9 +669,9 @@ def run_eval(
     seed_sets = load_demo_seeds(config, {t.domain for t in task_list}) if needs_seeds else []
     requests = build_requests(task_list, model_paths, config, seed_sets)
     folder = RunDir(out) if out else RunDir(run_dir.eval)
-    try:  # a remote eval folder is written whole at the end, without a checkpoint
-        checkpoint = AnswerStore(folder.local() / "answers.jsonl", model_identities(config, model_paths))
-    except ValueError:
+    try:  # the run's answers serve every evaluation of it, wherever its report goes
+        checkpoint = AnswerStore(RunDir(run_dir.eval).local() / "answers.jsonl", model_identities(config, model_paths))
+    except ValueError:  # a remote run directory: answered whole, without a store
         checkpoint = None
     results = execute(requests, config, model_paths, executor, checkpoint)
     predictions = collect(task_list, model_paths, requests, results, config.eval.numeric_rel_tol)
