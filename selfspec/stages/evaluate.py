@@ -281,10 +281,9 @@ def run_request_batch(backend, rows: list[dict[str, Any]]) -> list[dict[str, Any
 
 
 class AnswerStore:
-    """Finished request results, appended per batch to a JSONL file and kept, so an
-    evaluation killed midway resumes where it stopped, and a later evaluation in the same
-    folder (a round-2 adapter beside round 1's, 3-shot beside 0-shot) answers only its new
-    requests. A result is keyed by its request and the identity of the model that answered
+    """Finished request results, appended per batch to the run's JSONL file and kept, so an
+    evaluation killed midway resumes where it stopped, and a later evaluation of the run (a
+    round-2 adapter beside round 1's, 3-shot beside 0-shot) answers only its new requests. A result is keyed by its request and the identity of the model that answered
     it (the model section, the adapter's weights), so a changed model or prompt never
     reuses a stale answer. A torn last line (a kill mid-write) is cut."""
 
@@ -336,11 +335,11 @@ def execute(
     config: RunConfig,
     models: dict[str, str | None],
     executor: str = "ray",
-    checkpoint: AnswerStore | None = None,
+    store: AnswerStore | None = None,
 ) -> list[dict[str, Any]]:
     """Run requests on model replicas (Ray Data actors, or in-process with executor="local"),
     each holding the base and every adapter; results come back in request order. Requests
-    already in `checkpoint` are not run again; new results are added to it per batch."""
+    already in `store` are not run again; new results are added to it per batch."""
     from tqdm import tqdm
 
     from selfspec.execution import map_with_model
@@ -350,16 +349,16 @@ def execute(
         from selfspec.runtime import quiet_ray_data
 
         quiet_ray_data()
-    keys = [checkpoint.key(r) for r in requests] if checkpoint is not None else []
-    results: list[dict[str, Any] | None] = [checkpoint.done.get(k) for k in keys] if checkpoint is not None else [None] * len(requests)
+    keys = [store.key(r) for r in requests] if store is not None else []
+    results: list[dict[str, Any] | None] = [store.done.get(k) for k in keys] if store is not None else [None] * len(requests)
     rows = [{"key": i, "request": json.dumps(r)} for i, r in enumerate(requests) if results[i] is None]
     done_before = len(requests) - len(rows)
     if done_before:
         print(f"eval: {done_before} of {len(requests)} requests answered before (answers.jsonl); answering the other {len(rows)}")
 
     def finished(new_rows: list[dict[str, Any]]) -> None:
-        if checkpoint is not None:
-            checkpoint.add([{"key": keys[row["key"]], "result": json.loads(row["result"])} for row in new_rows])
+        if store is not None:
+            store.add([{"key": keys[row["key"]], "result": json.loads(row["result"])} for row in new_rows])
         bar.update(len(new_rows))
 
     with tqdm(total=len(requests), initial=done_before, desc="eval", unit="request") as bar:
@@ -670,10 +669,10 @@ def run_eval(
     requests = build_requests(task_list, model_paths, config, seed_sets)
     folder = RunDir(out) if out else RunDir(run_dir.eval)
     try:  # the run's answers serve every evaluation of it, wherever its report goes
-        checkpoint = AnswerStore(RunDir(run_dir.eval).local() / "answers.jsonl", model_identities(config, model_paths))
+        store = AnswerStore(RunDir(run_dir.eval).local() / "answers.jsonl", model_identities(config, model_paths))
     except ValueError:  # a remote run directory: answered whole, without a store
-        checkpoint = None
-    results = execute(requests, config, model_paths, executor, checkpoint)
+        store = None
+    results = execute(requests, config, model_paths, executor, store)
     predictions = collect(task_list, model_paths, requests, results, config.eval.numeric_rel_tol)
     metrics = summarize(task_list, model_paths, predictions, config)
     metrics["command"] = command

@@ -299,7 +299,7 @@ def low_rank_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.
     activations instead of the layer's input and output, and the update is added inside the
     lora_B matmul (addmm). Anything else (merged, disabled, mixed adapters, DoRA and other
     variants, lora_B bias) takes PEFT's own forward."""
-    plain = not (self.disable_adapters or self.merged or args or kwargs or self.lora_variant) and all(
+    plain = not (self.disable_adapters or self.merged or args or kwargs or getattr(self, "lora_variant", None)) and all(
         self.lora_B[name].bias is None for name in self.active_adapters if name in self.lora_B
     )
     if not plain:
