@@ -257,14 +257,16 @@ def test_shared_context_scoring_equals_scoring_each_whole_sequence(fp32_backend)
         assert value == pytest.approx(whole, abs=1e-3)
 
 
-def test_folded_adapter_equals_peft_and_leaves_the_base_exact(tmp_path):
-    """A batch on one adapter runs with it folded into a weight copy: the same greedy texts and
-    log-likelihoods as PEFT applying it layer by layer (fp32); base batches after it get the
-    untouched base weights back, bit for bit; mixed batches still go through PEFT."""
+def test_one_adapter_batches_equal_peft_and_leave_the_base_exact(tmp_path):
+    """A batch on one adapter runs it folded into a weight copy, or (merge_single_adapter off)
+    as two small matmuls a layer: the same greedy texts and log-likelihoods as PEFT applying it
+    row by row in a mixed batch (fp32); base batches after it get the untouched base weights
+    and layers back, bit for bit; mixed batches still go through PEFT."""
     import torch
 
     from selfspec.config import ModelConfig
     from selfspec.models import load_backend
+    from selfspec.models.hf_backend import FoldedAdapter, LowRankAdapter
 
     backend = load_backend(ModelConfig(dtype="float32", backend="transformers", max_batch_size=8))
     base_weights = {n: p.detach().clone() for n, p in backend.model.named_parameters()}
@@ -277,22 +279,51 @@ def test_folded_adapter_equals_peft_and_leaves_the_base_exact(tmp_path):
 
     base = texts()
     backend.load_adapter("bio", str(write_random_lora_adapter(backend.model.config, tmp_path / "bio", seed=1)))
-    folded, folded_ll = texts("bio"), backend.loglikelihood(requests, "bio")
-    assert backend._folded is not None and backend._folded.name == "bio"
+    extra = chat("Hello.")  # a base row makes the batch mixed: PEFT's own per-row path
+    peft = [c[0].text for c in backend.generate([*prompts, extra], params, ["bio"] * 3 + [None])][:3]
+    peft_ll = backend.loglikelihood([*requests, (extra, " Yes")], ["bio"] * 3 + [None])[:3]
     backend.merge_single_adapter = False
-    peft, peft_ll = texts("bio"), backend.loglikelihood(requests, "bio")
+    low_rank, low_rank_ll = texts("bio"), backend.loglikelihood(requests, "bio")
+    assert isinstance(backend._single, LowRankAdapter) and backend._single.name == "bio"
     backend.merge_single_adapter = True
-    assert folded == peft and folded != base
-    assert folded_ll == pytest.approx(peft_ll, abs=1e-4)
+    folded, folded_ll = texts("bio"), backend.loglikelihood(requests, "bio")
+    assert isinstance(backend._single, FoldedAdapter) and backend._single.name == "bio"
+    assert folded == peft == low_rank and folded != base
+    assert folded_ll == pytest.approx(peft_ll, abs=1e-4) and low_rank_ll == pytest.approx(peft_ll, abs=1e-4)
     assert [c[0].text for c in backend.generate(prompts[:2], params, ["bio", None])] == [folded[0], base[1]]
     assert texts() == base
-    for layer, weight, _ in backend._folded.layers:
-        assert layer.base_layer.weight is weight
+    for layer, weight, _ in backend._single.layers:
+        assert layer.base_layer.weight is weight and "forward" not in vars(layer)
     for name, param in backend.model.get_base_model().named_parameters():
         if "lora_" not in name:
             assert torch.equal(param, base_weights[name.replace(".base_layer", "")]), name
     backend.unload_adapter("bio")
-    assert backend._folded is None
+    assert backend._single is None
+
+
+def test_one_adapter_batches_in_bf16_run_low_rank_matmuls_close_to_peft(tmp_path):
+    """bf16 weights cannot hold W + delta, so a one-adapter batch runs the adapter as two
+    small matmuls a layer; its log-likelihoods stay within bf16 rounding of PEFT's per-row
+    path (a mixed batch), and a base batch afterwards is the base's exactly."""
+    from selfspec.config import ModelConfig
+    from selfspec.models import load_backend
+    from selfspec.models.hf_backend import LowRankAdapter
+
+    backend = load_backend(ModelConfig(dtype="bfloat16", backend="transformers", max_batch_size=8))
+    prompts = [chat("What is insulin?"), chat("Name one symptom of the flu.")]
+    requests = [(p, label) for p in prompts for label in (" Yes", " No", " Maybe")]
+    base_ll = backend.loglikelihood(requests)
+    backend.load_adapter("bio", str(write_random_lora_adapter(backend.model.config, tmp_path / "bio", seed=1)))
+    low_rank = backend.loglikelihood(requests, "bio")
+    assert isinstance(backend._single, LowRankAdapter)
+    peft = backend.loglikelihood([*requests, (chat("Hello."), " Yes")], ["bio"] * len(requests) + [None])[:-1]
+    # bf16 rounds differently on the two paths (against fp32, 0.10 and 0.14 at most here); the
+    # adapter itself moves these scores by more than a nat
+    assert low_rank == pytest.approx(peft, abs=0.25)
+    assert max(abs(a - b) for a, b in zip(low_rank, base_ll)) > 1.0
+    assert backend.loglikelihood(requests) == base_ll
+    backend.unload_adapter("bio")  # the last adapter gone, base batches still run
+    assert backend.loglikelihood(requests) == base_ll
 
 
 @pytest.mark.parametrize(("setting", "dtype", "folds"), [("auto", "float32", True), ("auto", "bfloat16", False),

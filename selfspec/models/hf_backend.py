@@ -19,6 +19,7 @@ so it prefills each row whole (no shared prefix) in batches bounded by `PROMPT_L
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from contextlib import contextmanager
@@ -352,6 +353,44 @@ class FoldedAdapter:
             layer.base_layer.weight = base
 
 
+def low_rank_update(layer: Any, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A LoRA layer's output for one adapter: the base layer's, plus (x a) b added inside addmm."""
+    result = layer.base_layer(x, *args, **kwargs)
+    flat = torch.addmm(result.reshape(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]) @ a, b)
+    return flat.view(result.shape)
+
+
+@dataclass
+class LowRankAdapter:
+    """One LoRA adapter as two small matmuls a layer in the weights' own dtype (x A^T, then that
+    times scale * B^T added inside addmm), swapped in for batches that use only that adapter where
+    folding would round its delta away (bf16 weights). PEFT's per-row path gathers the rows,
+    copies them to fp32, runs A, B and the scale, and scatters the sum back: at one token a row
+    while decoding, those small ops cost more than the layer itself (a round-2 generation batch
+    ran about 5x slower than the base's)."""
+
+    name: str
+    layers: list[tuple[Any, torch.Tensor, torch.Tensor]]  # (LoRA layer, A^T [in, r], scale * B^T [r, out])
+
+    @classmethod
+    def build(cls, name: str, layers: list[Any], dtype: torch.dtype) -> "LowRankAdapter":
+        parts = []
+        with torch.no_grad():
+            for layer in layers:
+                a = layer.lora_A[name].weight.t().to(dtype).contiguous()
+                b = (layer.lora_B[name].weight.float() * layer.scaling[name]).t().to(dtype).contiguous()
+                parts.append((layer, a, b))
+        return cls(name, parts)
+
+    def swap_in(self) -> None:
+        for layer, a, b in self.layers:
+            layer.forward = functools.partial(low_rank_update, layer, a, b)
+
+    def swap_out(self) -> None:
+        for layer, _, _ in self.layers:
+            layer.__dict__.pop("forward", None)
+
+
 @dataclass
 class TransformersBackend(ModelBackend):
     model: Any = None
@@ -361,10 +400,11 @@ class TransformersBackend(ModelBackend):
     decode_segment: int = 8  # decode steps between dropping the rows that ended
     # A batch whose rows all use one adapter runs on that adapter folded into the weights (one
     # extra copy of the weights it changes, kept for the adapter used last). "auto": only when
-    # the weights are fp32, since rounding W + delta to bf16 drops deltas under half a bf16 step.
+    # the weights are fp32, since rounding W + delta to bf16 drops deltas under half a bf16 step;
+    # otherwise such a batch runs the adapter as two small matmuls a layer (`LowRankAdapter`).
     merge_single_adapter: bool | str = "auto"
     _peft: bool = field(default=False, repr=False)
-    _folded: FoldedAdapter | None = field(default=None, repr=False)
+    _single: FoldedAdapter | LowRankAdapter | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, config) -> "TransformersBackend":
@@ -412,12 +452,15 @@ class TransformersBackend(ModelBackend):
 
     def unload_adapter(self, name: str) -> None:
         if name in self.adapter_paths:
-            if self._folded is not None and self._folded.name == name:
-                self._folded = None
+            if self._single is not None and self._single.name == name:
+                self._single = None
             with warnings.catch_warnings():  # PEFT warns when the adapter it calls active goes
                 warnings.filterwarnings("ignore", message=".*was active which is now deleted")
                 self.model.delete_adapter(name)
             super().unload_adapter(name)
+            if not self.adapter_paths:  # PEFT's wrapper cannot run without an adapter: unwrap it
+                self.model = self.model.unload()
+                self._peft = False
 
     @contextmanager
     def _weights_for(self, names: list[str | None]) -> Iterator[list[str | None] | None]:
@@ -429,13 +472,13 @@ class TransformersBackend(ModelBackend):
         elif distinct == {None}:
             with self.model.disable_adapter():
                 yield None
-        elif len(distinct) == 1 and self._folds() and self._fold(names[0]):
-            self._folded.swap_in()
+        elif len(distinct) == 1 and self._one_adapter(names[0]):
+            self._single.swap_in()
             try:
                 with self.model.disable_adapter():
                     yield None
             finally:
-                self._folded.swap_out()
+                self._single.swap_out()
         else:
             yield names
 
@@ -444,14 +487,16 @@ class TransformersBackend(ModelBackend):
             return self.dtype == torch.float32
         return bool(self.merge_single_adapter)
 
-    def _fold(self, name: str) -> bool:
-        """Whether `name` is folded (now or from its last batch); False if it cannot be."""
-        if self._folded is None or self._folded.name != name:
-            self._folded = None  # free the previous copy before building the next
+    def _one_adapter(self, name: str) -> bool:
+        """Whether a batch on `name` alone runs it folded or as low-rank matmuls (built now, or
+        kept from its last batch); False if PEFT must apply it (DoRA, LoRA bias, ...)."""
+        kind = FoldedAdapter if self._folds() else LowRankAdapter
+        if not isinstance(self._single, kind) or self._single.name != name:
+            self._single = None  # free the previous copy before building the next
             layers = foldable_layers(self.model, name)
             if layers is None:
                 return False
-            self._folded = FoldedAdapter.build(name, layers)
+            self._single = FoldedAdapter.build(name, layers) if kind is FoldedAdapter else LowRankAdapter.build(name, layers, self.dtype)
         return True
 
     def _adapter_kwargs(self, names: list[str | None] | None, rows: Sequence[int] | None = None) -> dict[str, Any]:
