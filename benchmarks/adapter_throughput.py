@@ -2,9 +2,10 @@
 
 At one batch size, tokens/s of: the base model; one adapter for the whole batch with its
 weights folded into a swapped-in copy of the base (`model.merge_single_adapter`, by default on
-for fp32 weights only);
-the same adapter applied by PEFT layer by layer (folding off); and the batch spread over
-several adapters (PEFT `adapter_names`, as `selfspec serve` mixes requests). Then how many rows
+for fp32 weights only); the same adapter as two small matmuls a layer (`LowRankAdapter`, the
+default for bf16 weights); the same adapter applied by PEFT row by row (both paths off); and
+the batch spread over several adapters (PEFT `adapter_names`, as `selfspec serve` mixes
+requests). Then how many rows
 of a mixed batch equal each adapter alone, and how long folding an adapter takes. Adapters are
 r=8, alpha=16, all linear layers, with random weights.
 
@@ -47,20 +48,28 @@ def adapter_rates(backend, count: int, batch: int, new_tokens: int, trials: int 
 
     default = backend.merge_single_adapter
 
-    def rate(adapters, fold: bool = True) -> float:
+    one_adapter = backend._one_adapter
+
+    def rate(adapters, fold: bool = True, peft: bool = False) -> float:
         backend.merge_single_adapter = fold
-        backend.generate(G.prompts(batch), SamplingParams(max_new_tokens=4), adapters)
-        G.synchronize(backend.device)
-        start = time.perf_counter()
-        out = backend.generate(G.prompts(batch), params, adapters)
-        return sum(c[0].completion_tokens for c in out) / (time.perf_counter() - start)
+        backend._one_adapter = (lambda name: False) if peft else one_adapter  # PEFT for every batch
+        try:
+            backend.generate(G.prompts(batch), SamplingParams(max_new_tokens=4), adapters)
+            G.synchronize(backend.device)
+            start = time.perf_counter()
+            out = backend.generate(G.prompts(batch), params, adapters)
+            return sum(c[0].completion_tokens for c in out) / (time.perf_counter() - start)
+        finally:
+            backend._one_adapter = one_adapter
 
     print(f"adapters at batch {batch}, {new_tokens} new tokens, {backend.dtype} on {backend.device}, tok/s: "
-          f"base / one adapter folded / one adapter by PEFT / spread over {count} adapters")
+          f"base / one adapter folded / low-rank / by PEFT / spread over {count} adapters")
     for _ in range(trials):  # alternating: machine speed drifts
-        base, folded, peft, spread = rate(None), rate(names[0]), rate(names[0], fold=False), rate(mixed)
-        print(f"  {base:8.1f} / {folded:8.1f} / {peft:8.1f} / {spread:8.1f}:  folded {folded / peft:.2f}x PEFT, "
-              f"folded / base {folded / base:.2f}x, PEFT / base {peft / base:.2f}x, spread / PEFT {spread / peft:.2f}x")
+        base, folded = rate(None), rate(names[0])
+        low_rank, peft, spread = rate(names[0], fold=False), rate(names[0], peft=True), rate(mixed)
+        print(f"  {base:8.1f} / {folded:8.1f} / {low_rank:8.1f} / {peft:8.1f} / {spread:8.1f}:  folded {folded / peft:.2f}x PEFT, "
+              f"low-rank {low_rank / peft:.2f}x PEFT, folded / base {folded / base:.2f}x, low-rank / base {low_rank / base:.2f}x, "
+              f"PEFT / base {peft / base:.2f}x, spread / PEFT {spread / peft:.2f}x")
     backend.merge_single_adapter = True  # folded, also in bf16, for the rest
     backend.generate(G.prompts(1), SamplingParams(max_new_tokens=1), names[1])  # fold domain1 ...
     G.synchronize(backend.device)
