@@ -73,46 +73,49 @@ ADAPTER_NAME = "specialized"
 
 
 # -- batch functions run inside model replicas (picklable, pure over rows) ----------
+def per_group(rows: list[dict[str, Any]], group_of: Callable[[dict[str, Any]], Any], run: Callable) -> list[Any]:
+    """`run(key, rows)` once per group of rows (groups in key order), each result back at its
+    row's place: one engine call per sampling setting within a batch of mixed rows."""
+    groups: dict[Any, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(group_of(row), []).append(i)
+    out: list[Any] = [None] * len(rows)
+    for key in sorted(groups):
+        index = groups[key]
+        for i, result in zip(index, run(key, [rows[i] for i in index])):
+            out[i] = result
+    return out
+
+
 def write_instructions(
     backend, rows: list[dict[str, Any]], params: dict[str, SamplingParams], adapter: str | None
 ) -> list[dict[str, Any]]:
     """Complete instruction prompts; a row's `sampling` names its entry of `params` (free
     tasks, an instruction line for a given passage, an input field then that line)."""
-    out: list[dict[str, Any]] = [{} for _ in rows]
-    for kind, kind_params in params.items():
-        index = [i for i, r in enumerate(rows) if r["sampling"] == kind]
-        if not index:
-            continue
-        first = rows[index[0]]["prompt_id"]
-        seed = None if kind_params.seed is None else kind_params.seed + sum(map(ord, first))
-        completions = backend.generate([rows[i]["prompt"] for i in index], replace(kind_params, seed=seed), adapters=adapter)
-        for i, c in zip(index, completions):
-            out[i] = {**rows[i], "completion": c[0].text, "finish_reason": c[0].finish_reason,
-                      "completion_tokens": c[0].completion_tokens}
-    return out
+
+    def complete(kind: str, group: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        kind_params = params[kind]
+        seed = None if kind_params.seed is None else kind_params.seed + sum(map(ord, group[0]["prompt_id"]))
+        completions = backend.generate([r["prompt"] for r in group], replace(kind_params, seed=seed), adapters=adapter)
+        return [{**row, "completion": c[0].text, "finish_reason": c[0].finish_reason, "completion_tokens": c[0].completion_tokens}
+                for row, c in zip(group, completions)]
+
+    return per_group(rows, lambda r: r["sampling"], complete)
 
 
 def answer_batch(backend, rows: list[dict[str, Any]], steps: dict[str, Callable]) -> list[dict[str, Any]]:
     """Answer rows with the step their `answer_step` names (labels scored or sampled, free
     responses written): one model pass serves every kind of row of a round."""
-    out: list[dict[str, Any]] = [{} for _ in rows]
-    for kind, step in steps.items():
-        index = [i for i, r in enumerate(rows) if r["answer_step"] == kind]
-        if index:
-            for i, answered in zip(index, step(backend, [rows[i] for i in index])):
-                out[i] = answered
-    return out
+    return per_group(rows, lambda r: r["answer_step"], lambda kind, group: steps[kind](backend, group))
 
 
 def write_responses(backend, rows: list[dict[str, Any]], params: SamplingParams, adapter: str | None) -> list[dict[str, Any]]:
     """Answer rows; a row's own `max_new_tokens` (its task type's budget) overrides params'."""
-    budgets = [r.get("max_new_tokens") or params.max_new_tokens for r in rows]
-    completions: list[Any] = [None] * len(rows)
-    for budget in sorted(set(budgets)):
-        index = [i for i, b in enumerate(budgets) if b == budget]
-        outputs = backend.generate([rows[i]["messages"] for i in index], replace(params, max_new_tokens=budget), adapters=adapter)
-        for i, c in zip(index, outputs):
-            completions[i] = c
+    completions = per_group(
+        rows,
+        lambda r: r.get("max_new_tokens") or params.max_new_tokens,
+        lambda budget, group: backend.generate([r["messages"] for r in group], replace(params, max_new_tokens=budget), adapters=adapter),
+    )
     out = []
     for row, c in zip(rows, completions):
         out.append({
