@@ -49,7 +49,7 @@ def test_profiles_tell_label_tasks_from_open_ones():
 def test_shipped_seed_label_tasks():
     for path, labelled in [
         ("seeds/biomedical.yaml", {"yes_no_qa", "drug_drug_interaction", "chemical_protein_relation"}),
-        ("seeds/finance.yaml", {"news_sentiment", "headline_entity_sentiment"}),
+        ("seeds/finance.yaml", {"news_sentiment", "headline_entity_sentiment", "headline_question"}),
     ]:
         profiles = task_profiles(load_seeds(path).seeds)
         assert labelled <= {t for t, p in profiles.items() if p.labelled}
@@ -58,6 +58,8 @@ def test_shipped_seed_label_tasks():
         assert not profiles["document_classification"].labelled
     bio = task_profiles(load_seeds("seeds/biomedical.yaml").seeds)
     assert not any(bio[t].labelled for t in ("chemical_ner", "gene_ner", "multiple_choice_qa"))
+    # Table answers (numbers, spans) are short but never repeat: open answers, not labels.
+    assert not task_profiles(load_seeds("seeds/finance.yaml").seeds)["table_qa"].labelled
 
 
 def test_majority_keeps_a_clear_majority_only():
