@@ -106,6 +106,43 @@ def test_an_answer_that_repeats_a_seed_answer_of_its_type_is_dropped():
     assert answer_rows(answered, task_profiles(seeds), gen, Counter())[0][0]["id"] == "r0"  # no seed answers given
 
 
+def test_a_short_figure_copied_from_a_demo_is_dropped_where_its_input_lacks_it():
+    """A figure that is a seed answer word for word and appears nowhere in the row's input was
+    read off a demo; the same figure in the row's own input, and short words, stay."""
+    from collections import Counter
+
+    from selfspec.dedup import rouge_tokens
+    from selfspec.quality import task_profiles
+    from selfspec.seeds import load_seeds
+    from selfspec.stages.generate import answer_rows
+
+    seeds = load_seeds("seeds/finance.yaml").seeds
+    seed_answers: dict[str, list[list[str]]] = {}
+    for seed in seeds:
+        seed_answers.setdefault(seed["task"], []).append(rouge_tokens(seed["output"]))
+    copied = next(s["output"] for s in seeds if s["task"] == "table_qa" and s["output"] == "181.4")
+    news = "Unocal said net natural gas output averaged 976 mln cubic feet per day in 1986, down 10 pct."
+
+    def row(n: int, output: str, input: str = news, task: str = "table_qa") -> dict:
+        return {
+            "id": f"r{n}", "task": task, "instruction": "Give only the answer.", "input": input,
+            "domain": "finance", "seed_ids": [], "passage_ids": [], "model": "m", "adapter": "", "round": 1,
+            "config_hash": "h", "output": output, "samples": [output], "finish_reason": "stop", "completion_tokens": 3,
+        }
+
+    answered = [
+        row(0, copied),  # a demo's figure on a passage without it
+        row(1, copied, input=news + " Gross profit was 181.4 million."),  # the row's own figure
+        row(2, "976 mln"),  # read from its own input
+        row(3, "Unocal"),  # a short name: never judged a copy
+        row(4, copied, task="open_qa"),  # not a seed answer of this type
+    ]
+    drops: Counter = Counter()
+    examples, _ = answer_rows(answered, task_profiles(seeds), load_config("default").generate, drops, seed_answers)
+    assert [e["id"] for e in examples] == ["r1", "r2", "r3", "r4"]
+    assert drops == {"copied_seed_answer": 1}
+
+
 def test_a_task_without_input_is_dropped_where_every_seed_of_its_type_has_one():
     from collections import Counter
 

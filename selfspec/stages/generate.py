@@ -353,7 +353,9 @@ def answer_rows(
             over_budget = reason == "truncated_response" and row["completion_tokens"] < gen.response_max_new_tokens
             if over_budget or (reason is None and off_form(row["output"], task_profile)):
                 reason = "off_form"  # longer than its type's seed-sized budget, or than off_form allows
-            if reason is None and copies_seed_answer(row["output"], seed_answers.get(row["task"], []), gen.rouge_threshold):
+            if reason is None and copies_seed_answer(
+                row["output"], seed_answers.get(row["task"], []), gen.rouge_threshold, row["input"]
+            ):
                 reason = "copied_seed_answer"
             if reason:
                 drops[reason] += 1

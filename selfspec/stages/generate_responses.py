@@ -57,17 +57,24 @@ def response_drop_reason(text: str, finish_reason: str, input: str = "") -> str 
     return None
 
 
-# Answers this short ("none", a label, a name) may repeat a seed's answer by right.
+# Answers this short ("none", a label, a name) may repeat a seed's answer by right, unless
+# they hold a figure their own input lacks.
 MIN_COPIED_WORDS = 4
 
 
-def copies_seed_answer(text: str, seed_answers: list[list[str]], threshold: float) -> bool:
+def copies_seed_answer(text: str, seed_answers: list[list[str]], threshold: float, input: str = "") -> bool:
     """The answer repeats one of its task type's seed answers (ROUGE-L at or above
     `threshold` against the seed answer's `rouge_tokens`) on an input of its own: a small
-    base model copies its demos' answers instead of answering."""
+    base model copies its demos' answers instead of answering. A short answer counts only
+    when it is a seed answer word for word, holds a number and its input does not hold it
+    ("181.4" read off a demo's table, not the row's passage)."""
     tokens = rouge_tokens(text)
     if len(tokens) < MIN_COPIED_WORDS:
-        return False
+        return (
+            bool(re.search(r"\d", text))
+            and tokens in seed_answers
+            and normalize_entity(text) not in normalize_entity(input)
+        )
     return any(rouge_l(tokens, answer) >= threshold for answer in seed_answers)
 
 
