@@ -119,8 +119,8 @@ class GenerateConfig(StageConfig):
     balance_labels: bool = True
     label_tolerance: float = Field(1.5, ge=1)
     # Before round 1, label each seed of a label type leave-one-out as rows are labelled. A
-    # type whose labels are right no more often than always answering the seeds' majority label
-    # is unreliable: "majority" answers its rows with that label, "drop" makes none of its
+    # type whose labels do not beat always answering the seeds' majority label by more than
+    # chance (one-sided binomial, 5%) is unreliable: "majority" answers its rows with that label, "drop" makes none of its
     # rows, "keep" skips the check and keeps the model's labels.
     unreliable_labels: Literal["majority", "drop", "keep"] = "majority"
     adapter: str | None = None  # iterative rounds: generate with a trained adapter

@@ -150,14 +150,29 @@ def label_check(results: dict[str, list[tuple[str, str | None]]]) -> dict[str, d
     `results`: task -> (gold, given) label of each of its seeds, labelled leave-one-out as
     generation labels a row (given None: no clear label). The prior is the majority-class
     baseline: always answering the type's most common seed label gets its count right. A
-    type is `reliable` when the model labels more seeds right than that; otherwise its rows
-    would teach noise."""
+    type is `reliable` when the model labels more seeds right than that by more than chance:
+    `p`, the chance that a labeller right at the prior's rate gets `right` or more of the
+    seeds (one-sided binomial), is at most LABEL_CHECK_ALPHA. Otherwise its rows would teach
+    noise: on 10 seeds, 7 right against a prior of 5 happens by chance 17% of the time."""
     out = {}
     for task, pairs in results.items():
         right = sum(given is not None and normalize_text(given) == normalize_text(gold) for gold, given in pairs)
         prior = max(Counter(normalize_text(gold) for gold, _ in pairs).values(), default=0)
-        out[task] = {"seeds": len(pairs), "right": right, "prior_right": prior, "reliable": right > prior}
+        p = binomial_tail(right, len(pairs), prior / len(pairs)) if pairs else 1.0
+        out[task] = {
+            "seeds": len(pairs), "right": right, "prior_right": prior, "p": round(p, 4),
+            "reliable": right > prior and p <= LABEL_CHECK_ALPHA,
+        }
     return out
+
+
+# The label check's significance level: the usual one-sided 5%.
+LABEL_CHECK_ALPHA = 0.05
+
+
+def binomial_tail(k: int, n: int, rate: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, rate)."""
+    return min(1.0, sum(math.comb(n, i) * rate**i * (1 - rate) ** (n - i) for i in range(k, n + 1)))
 
 
 def majority_seed_label(profile: TaskProfile) -> str:

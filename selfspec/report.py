@@ -406,8 +406,8 @@ def data_quality_html(profile: dict[str, Any]) -> str:
 
 LABEL_CHECK_NOTE = (
     "Label check: before round 1 the model labelled each seed of every label type the way it labels rows "
-    "(the other seeds of the type as demos). A type whose labels are right no more often than the seeds' "
-    "majority label is unreliable: its rows take that label, or are not made."
+    "(the other seeds of the type as demos). A type whose labels do not beat the seeds' majority label by "
+    "more than chance (p, one-sided binomial, above 0.05) is unreliable: its rows take that label, or are not made."
 )
 
 
@@ -423,8 +423,9 @@ def label_check_rows(checked: dict[str, Any]) -> tuple[list[str], list[list[tupl
             verdict, css = f"unreliable: {r['relabelled']} rows answer '{r['majority_label']}'", "down"
         else:
             verdict, css = "unreliable: no rows", "down"
-        rows.append([(task_name(task), ""), (str(r["right"]), ""), (f"{r['prior_right']:g}", ""), (str(r["seeds"]), ""), (verdict, css)])
-    return ["Task type", "Right", "Majority label right", "Seeds", "Verdict"], rows
+        chance = f"{r['p']:.3f}" if "p" in r else "-"  # runs before the significance test lack it
+        rows.append([(task_name(task), ""), (str(r["right"]), ""), (f"{r['prior_right']:g}", ""), (str(r["seeds"]), ""), (chance, ""), (verdict, css)])
+    return ["Task type", "Right", "Majority label right", "Seeds", "p (chance)", "Verdict"], rows
 
 
 def render_html(

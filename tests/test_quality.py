@@ -88,9 +88,15 @@ def test_label_check_keeps_a_type_only_where_labels_beat_the_majority_label():
     better = [(g, g if i < 5 else "no") for i, g in enumerate(gold)]  # 7 right
     unsure = [(g, None) for g in gold[:5]] + [(g, g) for g in gold[5:]]  # no clear label counts as wrong
     checked = label_check({"yes_no_qa": always_yes, "relation": better, "other": unsure})
-    assert checked["yes_no_qa"] == {"seeds": 9, "right": 4, "prior_right": 4, "reliable": False}
-    assert checked["relation"]["right"] == 7 and checked["relation"]["reliable"]
+    assert checked["yes_no_qa"] == {"seeds": 9, "right": 4, "prior_right": 4, "p": pytest.approx(0.6, abs=0.05), "reliable": False}
+    assert checked["relation"]["right"] == 7 and checked["relation"]["reliable"] and checked["relation"]["p"] < 0.05
     assert checked["other"]["right"] == 4 and not checked["other"]["reliable"]
+    # Beating the prior by chance is not enough: 7 of 10 right against a prior of 5 (p = 0.17).
+    coin = ["yes"] * 5 + ["no"] * 5
+    lucky = label_check({"headline": [(g, g if i < 7 else ("no" if g == "yes" else "yes")) for i, g in enumerate(coin)]})
+    assert lucky["headline"]["right"] == 7 and lucky["headline"]["p"] == pytest.approx(0.1719, abs=1e-3)
+    assert not lucky["headline"]["reliable"]
+    assert label_check({"headline": [(g, g) for g in coin[:9]] + [("no", "yes")]})["headline"]["reliable"]  # 9 of 10
     assert label_check({"case": [("Yes", "yes "), ("no", "yes")]})["case"]["right"] == 1  # labels compare normalized
 
 
