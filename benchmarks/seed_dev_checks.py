@@ -16,7 +16,8 @@
    majority (self-consistency, as generation labels today), log-likelihood over the label
    set, and log-likelihood calibrated by a content-free input ("N/A", Zhao et al. 2021:
    each label's score minus its score when the input says nothing). Accuracy against the
-   seed's own label and the labels each method gives.
+   seed's own label and the labels each method gives. With --nearest also (4b) with the
+   nearest seeds of the type as demos, and the encoder's nearest seeds' vote alone.
 
 Usage: python benchmarks/seed_dev_checks.py [--seeds seeds/biomedical.yaml] [--model embedded:smollm2-135m-instruct]
            [--adapter RUN/adapters/NAME] [--skip-instructions]
@@ -76,6 +77,7 @@ def main() -> int:
     parser.add_argument("--skip-instructions", action="store_true", help="leave out check 1")
     parser.add_argument("--skip-answers", action="store_true", help="leave out checks 2 and 3")
     parser.add_argument("--labels", action="store_true", help="run check 4")
+    parser.add_argument("--nearest", action="store_true", help="check 4 also with the nearest seeds as demos")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     seed_set = load_seeds(find_seed_file(args.seeds))
@@ -90,6 +92,8 @@ def main() -> int:
         check_answers(backend, seeds, args.demos, adapter="adapter" if args.adapter else None)
     if args.labels:
         check_labels(backend, seeds, args.demos)
+    if args.labels and args.nearest:
+        check_nearest_labels(backend, seeds, args.demos)
     return 0
 
 
@@ -147,6 +151,40 @@ def check_labels(backend, seeds: list[dict], demos: int, samples: int = 5, agree
         print(f"  {name:27s}: accuracy {sum(hits) / len(hits):.3f}  "
               + " ".join(f"{t}={v:.2f}" for t, v in per_task.items())
               + f"  labels {dict(Counter(str(g) for g in got))}")
+
+
+def check_nearest_labels(backend, seeds: list[dict], demos: int, encoder: str = "embedded:all-minilm-l6-v2") -> None:
+    """Check 4 with demos chosen by similarity (Liu et al. 2022): the k seeds of the type whose
+    inputs are nearest the seed's own (retrieval's encoder), nearest last; and the encoder
+    alone as a labeller, the majority label of the k nearest seeds sharing the label set."""
+    from selfspec.retrieval.index import encode, load_encoder
+
+    profiles = task_profiles(seeds)
+    rows = [(s, p) for s in seeds if (p := label_task(profiles, s["task"])) and answer_label(s["output"], p)]
+    gold = [answer_label(s["output"], p) for s, p in rows]
+    vectors = encode(load_encoder(encoder, "float32"), [s["input"] or s["instruction"] for s, _ in rows])
+    similarity = vectors @ vectors.T
+
+    def nearest(i: int, same_type: bool) -> list[int]:
+        s, p = rows[i]
+        pool = [j for j in range(len(rows)) if j != i
+                and (rows[j][0]["task"] == s["task"] if same_type else rows[j][1].labels == p.labels)]
+        return sorted(pool, key=lambda j: -similarity[i, j])[:demos]
+
+    print(f"\n4b. labels with the {demos} nearest seeds of the type as demos ({encoder})")
+    messages = [build_response_messages(s["instruction"], s["input"], [rows[j][0] for j in nearest(i, True)][::-1])
+                for i, (s, _) in enumerate(rows)]
+    own, empty = label_scores(backend, [{"instruction": s["instruction"], "messages": m, "labels": list(p.labels)}
+                                        for m, (s, p) in zip(messages, rows)], None)
+    knn = [Counter(gold[j] for j in nearest(i, False)).most_common(1)[0][0] for i in range(len(rows))]
+    for name, got in (
+        ("log-likelihood", [best_label(p.labels, o) for (_, p), o in zip(rows, own)]),
+        ("calibrated log-likelihood", [best_label(p.labels, [a - b for a, b in zip(o, e)]) for (_, p), o, e in zip(rows, own, empty)]),
+        (f"encoder {demos}-NN vote", knn),
+    ):
+        hits = [g == y for g, y in zip(got, gold)]
+        per_task = by_task([s for s, _ in rows], [float(h) for h in hits])
+        print(f"  {name:27s}: accuracy {sum(hits) / len(hits):.3f}  " + " ".join(f"{t}={v:.2f}" for t, v in per_task.items()))
 
 
 if __name__ == "__main__":
