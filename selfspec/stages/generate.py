@@ -560,8 +560,8 @@ def run_generate(
     relabelled_types = unreliable - dropped_types
     if unreliable:
         action = "no rows of those types" if dropped_types else "their rows take the seeds' majority label"
-        print(f"label check: the model labels the seeds of {', '.join(sorted(unreliable))} no better than "
-              f"their majority label does; {action}")
+        print(f"label check: the model's labels of the seeds of {', '.join(sorted(unreliable))} do not beat "
+              f"their majority label by more than chance; {action}")
 
     dedup = RougeDeduper(gen.rouge_threshold)
     dedup.add([s["instruction"] for s in seeds.seeds])
