@@ -175,10 +175,12 @@ def binomial_tail(k: int, n: int, rate: float) -> float:
     return min(1.0, sum(math.comb(n, i) * rate**i * (1 - rate) ** (n - i) for i in range(k, n + 1)))
 
 
-def majority_seed_label(profile: TaskProfile) -> str:
-    """The label most seeds of a label type give, spelled as in the seeds (ties: first seen)."""
+def majority_seed_label(profile: TaskProfile) -> str | None:
+    """The label most seeds of a label type give, spelled as in the seeds; None when two or
+    more labels tie for most (5 yes / 5 no): then no label is the better guess."""
     top = max(profile.label_shares.values())
-    return next(label for label in profile.labels if profile.label_shares.get(normalize_text(label)) == top)
+    leaders = [label for label in profile.labels if profile.label_shares.get(normalize_text(label)) == top]
+    return leaders[0] if len(leaders) == 1 else None
 
 
 def relabel_with_majority(rows: list[dict[str, Any]], profiles: dict[str, TaskProfile], tasks: set[str]) -> list[dict[str, Any]]:

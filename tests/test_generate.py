@@ -280,6 +280,7 @@ def assert_no_near_duplicates(rows):
 
 
 def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_local):
+    from selfspec.quality import majority_seed_label
     from selfspec.stages.generate import format_summary, run_generate
 
     config = tiny_config(tmp_path)
@@ -306,14 +307,18 @@ def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_lo
     checked = summary["label_check"]
     label_types = {t for t, p in task_profiles(load_seeds(find_seed_file(config.generate.seeds[0])).seeds).items() if p.labelled}
     assert set(checked) == label_types and all(r["seeds"] >= 2 for r in checked.values())
-    for task, result in checked.items():
-        if not result["reliable"]:
-            assert {r["output"] for r in rows if r["task"] == task} <= {result["majority_label"]}
-            assert result["relabelled"] == sum(r["task"] == task for r in rows)
-    # Rows of those types are answered with that label directly: the model never labels them.
     unreliable = {t for t, r in checked.items() if not r["reliable"]}
-    assert counts.get("fixed_label", 0) == sum(by_task.get(t, {}).get("kept_instructions", 0) for t in unreliable)
-    assert counts.get("fixed_label", 0) >= sum(checked[t]["relabelled"] for t in unreliable)
+    relabelled = {t for t in unreliable if "majority_label" in checked[t]}
+    for task in relabelled:
+        assert {r["output"] for r in rows if r["task"] == task} <= {checked[task]["majority_label"]}
+        assert checked[task]["relabelled"] == sum(r["task"] == task for r in rows)
+    # A type whose seeds tie for the most common label has no majority to give: no rows.
+    profiles = task_profiles(load_seeds(find_seed_file(config.generate.seeds[0])).seeds)
+    for task in unreliable - relabelled:
+        assert majority_seed_label(profiles[task]) is None and not any(r["task"] == task for r in rows)
+    # Rows of relabelled types are answered with that label directly: the model never labels them.
+    assert counts.get("fixed_label", 0) == sum(by_task.get(t, {}).get("kept_instructions", 0) for t in relabelled)
+    assert counts.get("fixed_label", 0) >= sum(checked[t]["relabelled"] for t in relabelled)
     if unreliable == label_types:
         assert counts["labelled"] == 0
     assert "label check on the seeds" in format_summary(summary)

@@ -104,6 +104,16 @@ def test_unreliable_types_take_the_seeds_majority_label():
     seeds = [seed(0, "yn", "No"), seed(1, "yn", "yes"), seed(2, "yn", "Yes"), seed(3, "yn", "maybe"), seed(4, "qa", "A long answer.")]
     profiles = task_profiles(seeds)
     assert majority_seed_label(profiles["yn"]) == "yes"  # 2 of 4, spelled as the first seed that gives it
+    tie = task_profiles([seed(0, "yn", "yes"), seed(1, "yn", "no"), seed(2, "yn", "No"), seed(3, "yn", "yes")])
+    assert majority_seed_label(tie["yn"]) is None  # 2 yes / 2 no: no label is the better guess
+    from selfspec.stages.generate import unreliable_label_plan
+
+    both = {**profiles, "tie": tie["yn"]}
+    assert unreliable_label_plan({"yn", "tie"}, both, "majority") == ({"yn"}, {"tie"})
+    assert unreliable_label_plan({"yn", "tie"}, both, "drop") == (set(), {"yn", "tie"})
+    # Nothing else to make: nothing dropped, the tied type keeps the model's labels.
+    assert unreliable_label_plan({"tie"}, {"tie": tie["yn"]}, "majority") == (set(), set())
+    assert unreliable_label_plan({"yn"}, {"yn": profiles["yn"]}, "drop") == ({"yn"}, set())
     rows = [{"id": "r1", "task": "yn", "output": "no", "label": "no"}, {"id": "r2", "task": "qa", "output": "x", "label": ""}]
     relabelled = relabel_with_majority(rows, profiles, {"yn"})
     assert relabelled == [{"id": "r1", "task": "yn", "output": "yes", "label": "yes"}, rows[1]]

@@ -190,6 +190,19 @@ def row_label(row: dict[str, Any], profile: TaskProfile, gen) -> tuple[str | Non
     return majority_label(row["samples"], profile, agreement)
 
 
+def unreliable_label_plan(unreliable: set[str], profiles: dict[str, TaskProfile], mode: str) -> tuple[set[str], set[str]]:
+    """(types whose rows take the seeds' majority label, types that make no rows) of the label
+    types the check found unreliable. "drop" makes none of them; "majority" relabels each, but
+    a type whose seeds tie for the most common label has no better guess to give: no rows.
+    Where that would leave no type at all, nothing is dropped: types with a majority label take
+    it, tied ones keep the model's labels."""
+    tied = {t for t in unreliable if majority_seed_label(profiles[t]) is None}
+    dropped = unreliable if mode == "drop" else tied
+    if dropped == set(profiles):
+        return unreliable - tied, set()
+    return unreliable - dropped, dropped
+
+
 def check_seed_labels(config: RunConfig, seeds: SeedSet, profiles: dict[str, TaskProfile], executor: str) -> dict[str, Any]:
     """The label check of `generate.unreliable_labels`: every seed of a label type labelled as
     a generated row is, its demos drawn from the other seeds of its type (leave-one-out),
@@ -556,12 +569,12 @@ def run_generate(
         manifest["label_check"] = check_seed_labels(config, seeds, profiles, executor)
         write_json(data("manifest.json"), manifest)
     unreliable = {t for t, r in manifest.get("label_check", {}).items() if not r["reliable"]} if checking else set()
-    dropped_types = unreliable if gen.unreliable_labels == "drop" and unreliable != set(profiles) else set()
-    relabelled_types = unreliable - dropped_types
+    relabelled_types, dropped_types = unreliable_label_plan(unreliable, profiles, gen.unreliable_labels)
     if unreliable:
-        action = "no rows of those types" if dropped_types else "their rows take the seeds' majority label"
+        plan = [f"{', '.join(sorted(relabelled_types))}: rows take the seeds' majority label"] if relabelled_types else []
+        plan += [f"{', '.join(sorted(dropped_types))}: no rows"] if dropped_types else []
         print(f"label check: the model's labels of the seeds of {', '.join(sorted(unreliable))} do not beat "
-              f"their majority label by more than chance; {action}")
+              f"their majority label by more than chance; {'; '.join(plan) or 'kept: no other type to make'}")
 
     dedup = RougeDeduper(gen.rouge_threshold)
     dedup.add([s["instruction"] for s in seeds.seeds])
