@@ -120,8 +120,9 @@ class GenerateConfig(StageConfig):
     label_tolerance: float = Field(1.5, ge=1)
     # Before round 1, label each seed of a label type leave-one-out as rows are labelled. A
     # type whose labels do not beat always answering the seeds' majority label by more than
-    # chance (one-sided binomial, 5%) is unreliable: "majority" answers its rows with that label, "drop" makes none of its
-    # rows, "keep" skips the check and keeps the model's labels.
+    # chance (one-sided binomial, 5%) is unreliable: "majority" answers its rows with that
+    # label (a type whose seeds tie for it makes no rows), "drop" makes none of its rows,
+    # "keep" skips the check and keeps the model's labels.
     unreliable_labels: Literal["majority", "drop", "keep"] = "majority"
     adapter: str | None = None  # iterative rounds: generate with a trained adapter
     replicas: int = Field(1, ge=1)

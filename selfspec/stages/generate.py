@@ -574,7 +574,7 @@ def run_generate(
         plan = [f"{', '.join(sorted(relabelled_types))}: rows take the seeds' majority label"] if relabelled_types else []
         plan += [f"{', '.join(sorted(dropped_types))}: no rows"] if dropped_types else []
         print(f"label check: the model's labels of the seeds of {', '.join(sorted(unreliable))} do not beat "
-              f"their majority label by more than chance; {'; '.join(plan) or 'kept: no other type to make'}")
+              f"their majority label by more than chance; {'; '.join(plan) or 'their labels kept: no other type to make'}")
 
     dedup = RougeDeduper(gen.rouge_threshold)
     dedup.add([s["instruction"] for s in seeds.seeds])
