@@ -552,7 +552,7 @@ def test_eval_cli_end_to_end(ray_local, adapter_dir, tmp_path, capsys):
         "drops": {"instruction": {"rouge_duplicate": 9, "too_short": 4}, "response": {"empty": 1}},
         "label_check": {
             "yes_no_qa": {"seeds": 9, "right": 4, "prior_right": 4, "reliable": False, "majority_label": "yes", "relabelled": 61},
-            "drug_drug_interaction": {"seeds": 9, "right": 4, "prior_right": 2, "reliable": True},
+            "drug_drug_interaction": {"seeds": 9, "right": 4, "prior_right": 2, "p": 0.0328, "reliable": True},
         },
     }))
     code = main([
@@ -599,7 +599,8 @@ def test_eval_cli_end_to_end(ray_local, adapter_dir, tmp_path, capsys):
     assert 'src="http' not in report
     assert report.count('src="data:image/png;base64,') == 3  # per task, funnel, loss curve
     assert "Label check:" in report and "unreliable: 61 rows answer &#x27;yes&#x27;" in report
-    assert "<td>drug_drug_interaction</td><td>4</td><td>2</td><td>9</td><td class=\"flat\">reliable" in report
+    assert "<td>drug_drug_interaction</td><td>4</td><td>2</td><td>9</td><td>0.033</td><td class=\"flat\">reliable" in report
+    assert "<td>yes_no_qa</td><td>4</td><td>4</td><td>9</td><td>-</td>" in report  # a summary from before p
 
 
 def test_report_shows_typed_entity_answers():
