@@ -749,7 +749,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("label_check"):
         lines.append(
             "label check on the seeds (right / the majority label's / seeds, p): "
-            + ", ".join(f"{t} {r['right']} / {r['prior_right']:g} / {r['seeds']}, p {r.get('p', 1):.2f}{label_check_note(r)}"
+            + ", ".join(f"{t} {r['right']} / {r['prior_right']:g} / {r['seeds']}"
+                        + (f", p {r['p']:.2f}" if "p" in r else "") + label_check_note(r)
                         for t, r in summary["label_check"].items())
         )
     if summary.get("profile"):
