@@ -127,9 +127,14 @@ def check_answers(backend, seeds: list[dict], demos: int, adapter: str | None) -
         print(f"  {k}-shot{' through the adapter' if name else ''}: mean {sum(scores) / len(scores):.3f}  {per_task}")
 
 
-def check_labels(backend, seeds: list[dict], demos: int, samples: int = 5, agreement: float = 0.6) -> None:
+def labelled_seeds(seeds: list[dict]) -> list[tuple[dict, object]]:
+    """(seed, its type's profile) for each seed of a label type whose answer names a label."""
     profiles = task_profiles(seeds)
-    rows = [(s, p) for s in seeds if (p := label_task(profiles, s["task"])) and answer_label(s["output"], p)]
+    return [(s, p) for s in seeds if (p := label_task(profiles, s["task"])) and answer_label(s["output"], p)]
+
+
+def check_labels(backend, seeds: list[dict], demos: int, samples: int = 5, agreement: float = 0.6) -> None:
+    rows = labelled_seeds(seeds)
     print(f"\n4. labels, leave-one-out on {len(rows)} seeds of {len({s['task'] for s, _ in rows})} label types, {demos} demos")
     messages = [build_response_messages(s["instruction"], s["input"], others_of_type(seeds, s, demos)) for s, _ in rows]
     gold = [answer_label(s["output"], p) for s, p in rows]
@@ -159,8 +164,7 @@ def check_nearest_labels(backend, seeds: list[dict], demos: int, encoder: str = 
     alone as a labeller, the majority label of the k nearest seeds sharing the label set."""
     from selfspec.retrieval.index import encode, load_encoder
 
-    profiles = task_profiles(seeds)
-    rows = [(s, p) for s in seeds if (p := label_task(profiles, s["task"])) and answer_label(s["output"], p)]
+    rows = labelled_seeds(seeds)
     gold = [answer_label(s["output"], p) for s, p in rows]
     vectors = encode(load_encoder(encoder, "float32"), [s["input"] or s["instruction"] for s, _ in rows])
     similarity = vectors @ vectors.T
