@@ -312,7 +312,8 @@ def test_output_layer_on_loss_positions_only_equals_the_full_forward(tokenizer, 
         results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
     (fast, fast_grad), (full, full_grad) = results
     assert fast == pytest.approx(full, rel=1e-5)
-    assert torch.allclose(fast_grad, full_grad, rtol=1e-4, atol=1e-7)
+    # fp32; the fused head sums its matmuls in another order (seen: 5e-7 of the norm)
+    assert ((fast_grad - full_grad).norm() / full_grad.norm()).item() < 1e-5
 
 
 @pytest.mark.slow
@@ -439,3 +440,45 @@ def test_fast_lora_inputs_equal_peft_layers_in_bf16(tokenizer):
     assert fast == pytest.approx(peft, rel=1e-2)
     cosine = torch.nn.functional.cosine_similarity(fast_grad, peft_grad, dim=0).item()
     assert cosine >= 0.99, cosine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_cross_entropy_equals_cross_entropy_on_full_logits(dtype, monkeypatch):
+    """The fused output layer + loss, in blocks of 3 rows, gives F.cross_entropy's loss and
+    input gradient on the full fp32 logits, as the unfused path computes them."""
+    monkeypatch.setattr(T.HeadCrossEntropy, "BLOCK_FLOATS", 3 * 50)
+    torch.manual_seed(0)
+    weight = torch.randn(50, 16).to(dtype)
+    targets = torch.randint(0, 50, (10,))
+    grads = []
+    for fused in (True, False):
+        hidden = torch.randn(10, 16, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+        if fused:
+            loss = T.HeadCrossEntropy.apply(hidden, weight, targets)
+        else:
+            loss = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+        (loss * 0.5).backward()
+        grads.append((loss.item(), hidden.grad))
+    (fused_loss, fused_grad), (loss, grad) = grads
+    assert fused_loss == pytest.approx(loss, rel=1e-6)
+    assert fused_grad.dtype == dtype and torch.allclose(fused_grad.float(), grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+def test_right_padded_batches_run_without_the_mask_and_give_the_same_loss(tokenizer, monkeypatch):
+    cfg = TrainConfig(max_seq_len=64, batch_size=4, dropout=0.0)
+    model, tok = T.load_lora_model(MODEL, cfg, CPU, None)
+    records, _ = T.tokenize_examples(make_examples(4), tok, "chat", cfg.max_seq_len)
+    records[0] = {key: value[:-7] for key, value in records[0].items()}  # rows of two lengths
+    batch = T.collate(records, tok.pad_token_id)
+    assert T.right_padded(batch["attention_mask"]) and not bool(batch["attention_mask"].all())
+    assert not T.right_padded(batch["attention_mask"].flip(1))  # left padding keeps its mask
+    results = []
+    for skip_mask in (True, False):
+        monkeypatch.setattr(T, "right_padded", lambda mask, skip=skip_mask: skip)
+        model.zero_grad(set_to_none=True)
+        loss = T.response_loss_sum(model, batch, None)
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+    (causal, causal_grad), (masked, masked_grad) = results
+    assert causal == pytest.approx(masked, rel=1e-5)
+    assert ((causal_grad - masked_grad).norm() / masked_grad.norm()).item() < 1e-5
