@@ -429,8 +429,9 @@ class HeadCrossEntropy(torch.autograd.Function):
     gradient for `hidden` computed in the forward, a block of rows at a time, as Liger's
     fused linear cross-entropy does. The same arithmetic as `F.cross_entropy` on
     `lm_head(hidden).float()` (log-softmax in fp32, its gradient exp(log p) - onehot cast back
-    to the matmul dtype), without the full fp32 logits and their gradient: on CPU, allocating,
-    converting and filling those (900 x 49152 floats) took 12% of a LoRA step."""
+    to the matmul dtype), without ever holding the full fp32 logits and their gradient
+    (900 x 49152 floats for a SmolLM2 batch; 262144 columns for Gemma). Measured on 2 cores it
+    is about as fast as the unfused path (x1.01 on a step); what it saves is memory."""
 
     BLOCK_FLOATS = 1 << 24  # 64 MB of fp32 logits per block (340 rows of SmolLM2: matmuls near full rate)
 
