@@ -89,13 +89,14 @@ def plain_pytorch(
 ) -> tuple[list[dict], dict]:
     """`fit` in this process; `as_before`: the loop as it was before this issue's CPU work,
     PEFT's LoRA layers as shipped (nn.Dropout, the input copied to fp32), the output layer
-    over every position, and its input left strided."""
+    over every position, its input left strided, and the attention mask always passed."""
     torch.set_num_threads(threads)
     saved = {name: getattr(T, name) for name in ("loss_positions_head", "use_fast_lora_inputs",
-                                                  "contiguous_output_layer_input")}
+                                                  "contiguous_output_layer_input", "right_padded")}
     if as_before:
         T.loss_positions_head = lambda model: None
         T.use_fast_lora_inputs = T.contiguous_output_layer_input = lambda model: None
+        T.right_padded = lambda mask: False  # the attention mask passed as it was
     try:
         return _plain_pytorch(cfg, examples, threads, device)
     finally:
