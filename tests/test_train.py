@@ -297,6 +297,14 @@ def test_explicit_resume_continues_a_failed_run(tmp_path, ray_local):
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
 
 
+def loss_and_grad(model, batch, amp) -> tuple[float, torch.Tensor]:
+    """One forward and backward from zeroed gradients: (summed loss, all adapter gradients)."""
+    model.zero_grad(set_to_none=True)
+    loss = T.response_loss_sum(model, batch, amp)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
 def test_output_layer_on_loss_positions_only_equals_the_full_forward(tokenizer, monkeypatch):
     cfg = TrainConfig(max_seq_len=64, batch_size=4, max_steps=1, dropout=0.0)
     model, tok = T.load_lora_model(MODEL, cfg, CPU, None)
@@ -306,10 +314,7 @@ def test_output_layer_on_loss_positions_only_equals_the_full_forward(tokenizer, 
     results = []
     for head in (T.loss_positions_head, lambda model: None):
         monkeypatch.setattr(T, "loss_positions_head", head)
-        model.zero_grad(set_to_none=True)
-        loss = T.response_loss_sum(model, batch, None)
-        loss.backward()
-        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+        results.append(loss_and_grad(model, batch, None))
     (fast, fast_grad), (full, full_grad) = results
     assert fast == pytest.approx(full, rel=1e-5)
     # fp32; the fused head sums its matmuls in another order (seen: 5e-7 of the norm)
@@ -391,11 +396,8 @@ def test_low_rank_forward_is_peft_lora_arithmetic(tokenizer):
                 m.forward = types.MethodType(T.low_rank_forward, m)
             else:
                 del m.forward  # PEFT's own
-        model.zero_grad(set_to_none=True)
         torch.manual_seed(7)
-        loss = T.response_loss_sum(model, batch, None)
-        loss.backward()
-        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+        results.append(loss_and_grad(model, batch, None))
     (fast, fast_grad), (peft, peft_grad) = results
     assert fast == pytest.approx(peft, rel=1e-5)
     assert ((fast_grad - peft_grad).norm() / peft_grad.norm()).item() < 1e-5, (fast_grad - peft_grad).abs().max()
@@ -431,10 +433,7 @@ def test_fast_lora_inputs_equal_peft_layers_in_bf16(tokenizer):
             m.cast_input_dtype_enabled = not fast
             if not fast:
                 del m.forward
-        model.zero_grad(set_to_none=True)
-        loss = T.response_loss_sum(model, batch, amp)
-        loss.backward()
-        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+        results.append(loss_and_grad(model, batch, amp))
     (fast, fast_grad), (peft, peft_grad) = results
     # bf16 rounds at other points: both stay as close to each other as bf16 runs are to fp32 (0.2-0.4%)
     assert fast == pytest.approx(peft, rel=1e-2)
@@ -475,10 +474,7 @@ def test_right_padded_batches_run_without_the_mask_and_give_the_same_loss(tokeni
     results = []
     for skip_mask in (True, False):
         monkeypatch.setattr(T, "right_padded", lambda mask, skip=skip_mask: skip)
-        model.zero_grad(set_to_none=True)
-        loss = T.response_loss_sum(model, batch, None)
-        loss.backward()
-        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
+        results.append(loss_and_grad(model, batch, None))
     (causal, causal_grad), (masked, masked_grad) = results
     assert causal == pytest.approx(masked, rel=1e-5)
     assert ((causal_grad - masked_grad).norm() / masked_grad.norm()).item() < 1e-5
