@@ -397,7 +397,6 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor], amp: torch.dtype | 
     with context:
         if head is None:
             logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask).logits[:, :-1]
-            keep = slice(None)
         else:
             norm, lm_head = head
             captured: list[torch.Tensor] = []
@@ -412,7 +411,7 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor], amp: torch.dtype | 
             hidden = captured[-1][:, :-1][keep]
             return HeadCrossEntropy.apply(hidden, lm_head.weight.to(hidden.dtype), labels[keep])
     return F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), labels[keep].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
 
 
