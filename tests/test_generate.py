@@ -305,7 +305,8 @@ def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_lo
     # The label check ran on every seed of each label type; rows of a type it found unreliable
     # carry the seeds' majority label.
     checked = summary["label_check"]
-    label_types = {t for t, p in task_profiles(load_seeds(find_seed_file(config.generate.seeds[0])).seeds).items() if p.labelled}
+    profiles = task_profiles(load_seeds(find_seed_file(config.generate.seeds[0])).seeds)
+    label_types = {t for t, p in profiles.items() if p.labelled}
     assert set(checked) == label_types and all(r["seeds"] >= 2 for r in checked.values())
     unreliable = {t for t, r in checked.items() if not r["reliable"]}
     relabelled = {t for t in unreliable if "majority_label" in checked[t]}
@@ -313,7 +314,6 @@ def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_lo
         assert {r["output"] for r in rows if r["task"] == task} <= {checked[task]["majority_label"]}
         assert checked[task]["relabelled"] == sum(r["task"] == task for r in rows)
     # A type whose seeds tie for the most common label has no majority to give: no rows.
-    profiles = task_profiles(load_seeds(find_seed_file(config.generate.seeds[0])).seeds)
     for task in unreliable - relabelled:
         assert majority_seed_label(profiles[task]) is None and not any(r["task"] == task for r in rows)
     # Rows of relabelled types are answered with that label directly: the model never labels them.
