@@ -404,6 +404,10 @@ def test_first_round_is_sized_by_the_expected_yield_then_by_the_measured_one():
     assert prompts_for_round(gen, 1, shards) == gen.batch_size * gen.replicas  # never below one batch per replica
     # Rows removed as contaminated or for balance do not count: the yield is what counts.
     assert prompts_for_round(gen, 10, shards, made=40) == 28  # 10 / 0.4 * 1.1
+    # A first round for half the target measures the yield before the rest is sized.
+    half = load_config("default", ["generate.expected_yield=0.4", "generate.first_round_share=0.5"]).generate
+    assert prompts_for_round(half, 1000, []) == 1375  # 500 / 0.4 * 1.1
+    assert prompts_for_round(half, 10, shards) == 44  # later rounds: the measured yield, as before
 
 
 def test_tasks_over_given_passages_collide_only_on_the_same_passage():

@@ -237,7 +237,8 @@ def load_seed_sets(config: RunConfig) -> list[SeedSet]:
 # unreliable_labels also spares the model labelling rows whose label it replaces; rows made
 # that way keep the majority label if the key later becomes `keep`.
 SELECTION_KEYS = {
-    "target", "max_rounds", "prompts_per_round", "expected_yield", "balance_labels", "label_tolerance", "unreliable_labels",
+    "target", "max_rounds", "prompts_per_round", "expected_yield", "first_round_share", "balance_labels", "label_tolerance",
+    "unreliable_labels",
 }
 
 
@@ -522,14 +523,18 @@ def yield_by_task(prompts, kept, examples) -> dict[str, dict[str, int]]:
 
 
 def prompts_for_round(gen, remaining: int, shards: list[dict[str, Any]], made: int | None = None) -> int:
-    """Enough prompts for the remaining examples at the yield seen so far. `made`: the
-    examples that count toward the target (after contamination removal and label
-    balance); default all the shards' examples."""
+    """Enough prompts for the remaining examples at the yield seen so far; before any round,
+    for `first_round_share` of them at `expected_yield`. `made`: the examples that count
+    toward the target (after contamination removal and label balance); default all the
+    shards' examples."""
     if gen.prompts_per_round:
         return gen.prompts_per_round
     prompts = sum(s["counts"]["prompts"] for s in shards)
     made = sum(s["counts"]["examples"] for s in shards) if made is None else made
-    expected_yield = max(made / prompts, 0.1) if prompts else gen.expected_yield
+    if prompts:
+        expected_yield = max(made / prompts, 0.1)
+    else:
+        expected_yield, remaining = gen.expected_yield, math.ceil(remaining * gen.first_round_share)
     need = math.ceil(remaining / expected_yield * 1.1)
     return max(gen.batch_size * gen.replicas, min(need, 8 * max(remaining, 1)))
 
