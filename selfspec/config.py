@@ -164,6 +164,9 @@ class TrainConfig(StageConfig):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     template: Literal["auto", "chat", "alpaca"] = "auto"
     packing: bool = False
+    # Batches of rows of similar length (sorted within windows of 50 batches, then shuffled):
+    # random batches pad to the longest row, 1.6x the tokens of finance-1k's set.
+    group_by_length: bool = True
     qlora: bool = False
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False

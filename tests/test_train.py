@@ -114,6 +114,23 @@ def test_packing_keeps_examples_whole_and_plan_counts_steps():
     assert list(T.planned_steps(list(range(10)), plan, 2, 0, start_step=4)) == steps[4:]
 
 
+def test_batches_grouped_by_length_pad_less_and_still_cover_each_epoch_once():
+    rows = [{"input_ids": [k] * (1 + (k * 37) % 300)} for k in range(1000)]
+    def padded(batches):
+        return sum(max(len(r["input_ids"]) for r in b) * len(b) for b in batches)
+    real = sum(len(r["input_ids"]) for r in rows)
+    plain = T.epoch_batches(rows, 8, seed=0, epoch=0)
+    grouped = T.epoch_batches(rows, 8, seed=0, epoch=0, group_by_length=True)
+    assert len(grouped) == len(plain) == 125
+    assert sorted(r["input_ids"][0] for b in grouped for r in b) == list(range(1000))
+    assert padded(grouped) < 1.05 * real < padded(plain)
+    # Still shuffled: not longest first, and another epoch takes other batches.
+    sizes = [len(b[0]["input_ids"]) for b in grouped]
+    assert sizes != sorted(sizes, reverse=True)
+    assert T.epoch_batches(rows, 8, seed=0, epoch=1, group_by_length=True) != grouped
+    assert T.epoch_batches(rows, 8, seed=0, epoch=0, group_by_length=True) == grouped  # resumable
+
+
 def test_qlora_on_cpu_fails_at_once_with_a_clear_message(tmp_path):
     config, run_dir = make_run(tmp_path, "qlora", make_examples(2), qlora=True)
     with pytest.raises(ConfigError, match="qlora=true needs a CUDA GPU"):

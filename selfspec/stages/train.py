@@ -3,7 +3,8 @@
 Read top to bottom:
 1. Data (plain functions): `tokenize_example` renders an example with the chat or Alpaca
    template exactly as inference does and masks the prompt out of the labels;
-   `pack_examples` concatenates whole examples into rows; `epoch_batches` shuffles per epoch.
+   `pack_examples` concatenates whole examples into rows; `epoch_batches` shuffles per epoch
+   (rows of similar length together with `group_by_length`).
 2. Model: `load_lora_model` loads the base (bf16, fp32 or 4-bit) and wraps it in a PEFT adapter.
 3. Optimisation: `train_step` is one optimizer step over micro-batches; `fit` runs the steps
    of a plan and calls back after each. The loss is the sum over response tokens divided by
@@ -138,11 +139,27 @@ def pack_examples(records: list[dict[str, list[int]]], max_seq_len: int) -> list
     return rows
 
 
-def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[dict]]:
-    """This epoch's micro-batches: a permutation seeded by (seed, epoch), cut into batches."""
+# Rows sorted by length together, for group_by_length: HF Trainer's megabatch of 50 batches.
+LENGTH_GROUP_BATCHES = 50
+
+
+def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int, group_by_length: bool = False) -> list[list[dict]]:
+    """This epoch's micro-batches: a permutation seeded by (seed, epoch), cut into batches.
+    `group_by_length`: each window of 50 batches' rows is sorted by length before the cut and
+    the batches are shuffled, so a batch holds rows of similar length and pads little (as HF
+    Trainer's `group_by_length`; random batches of the finance-1k set padded to 1.6x its tokens)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(rows), generator=generator).tolist()
-    return [[rows[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        window = LENGTH_GROUP_BATCHES * batch_size
+        order = [
+            i for s in range(0, len(order), window)
+            for i in sorted(order[s : s + window], key=lambda i: -len(rows[i]["input_ids"]))
+        ]
+    batches = [[rows[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -173,7 +190,7 @@ class StepPlan:
 
 
 def planned_steps(
-    rows: list[dict], plan: StepPlan, batch_size: int, seed: int, start_step: int = 0
+    rows: list[dict], plan: StepPlan, batch_size: int, seed: int, start_step: int = 0, group_by_length: bool = False
 ) -> Iterator[tuple[int, list[list[dict]]]]:
     """Yield (step number, micro-batches) from `start_step + 1` to the end of the plan.
 
@@ -183,7 +200,7 @@ def planned_steps(
     step = start_step
     while step < plan.total_steps:
         epoch, position = divmod(step, plan.steps_per_epoch)
-        batches = epoch_batches(rows, batch_size, seed, epoch)
+        batches = epoch_batches(rows, batch_size, seed, epoch, group_by_length)
         for k in range(position, plan.steps_per_epoch):
             if step >= plan.total_steps:
                 return
@@ -580,7 +597,7 @@ def fit(
 ) -> None:
     """Run the plan's steps after `start_step`, calling `on_step` after each."""
     model.train()
-    for step, micro_batches in planned_steps(rows, plan, cfg.batch_size, cfg.seed, start_step):
+    for step, micro_batches in planned_steps(rows, plan, cfg.batch_size, cfg.seed, start_step, cfg.group_by_length):
         started = time.perf_counter()
         targets, tokens = all_reduce(list(count_tokens(micro_batches)))
         lr = scheduler.get_last_lr()[0]
