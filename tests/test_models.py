@@ -460,6 +460,37 @@ def test_long_prompts_run_in_smaller_batches_with_the_same_outputs(fp32_backend)
     assert small.generate(prompts, params) == fp32_backend.generate(prompts, params)
 
 
+def test_long_prompts_prefill_row_by_row_with_the_outputs_of_the_padded_batch(tmp_path, monkeypatch):
+    """Prompts over ROW_PREFILL_MIN_TOKENS prefill one row at a time (causal attention, no
+    padding mask) and their caches join the batch: the same greedy texts and token logprobs
+    as the padded batch prefill (fp32), in a batch that mixes adapters (PEFT per row) and in
+    one on a single adapter."""
+    from selfspec.config import ModelConfig
+    from selfspec.models import hf_backend, load_backend
+
+    backend = load_backend(ModelConfig(dtype="float32", backend="transformers", max_batch_size=8))
+    backend.load_adapter("bio", str(write_random_lora_adapter(backend.model.config, tmp_path / "bio", seed=1)))
+    prompts = [chat(q + " Explain briefly." * k) for k, q in enumerate(QUESTIONS[:4])]
+    params = SamplingParams(max_new_tokens=12, logprobs=1)
+    by_row_batches = []
+    prefill_rows = backend._prefill_rows
+    monkeypatch.setattr(backend, "_prefill_rows", lambda inputs, *a: by_row_batches.append(len(inputs)) or prefill_rows(inputs, *a))
+
+    def run(adapters, min_tokens):
+        monkeypatch.setattr(hf_backend, "ROW_PREFILL_MIN_TOKENS", min_tokens)
+        return backend.generate(prompts, params, adapters)
+
+    for adapters in (["bio", None, "bio", None], "bio"):
+        padded = run(adapters, 10**9)
+        assert not by_row_batches
+        by_row = run(adapters, 8)
+        assert by_row_batches == [4]
+        by_row_batches.clear()
+        assert [c[0].text for c in by_row] == [c[0].text for c in padded]
+        for row, reference in zip(by_row, padded):
+            assert [t.logprob for t in row[0].logprobs] == pytest.approx([t.logprob for t in reference[0].logprobs], abs=1e-4)
+
+
 def test_prompts_start_with_bos_where_the_tokenizer_puts_one(fp32_backend):
     """Gemma and Llama need their BOS token; SmolLM2's tokenizer adds none. Inference,
     log-likelihood and training tokenize prompts alike, and a text that already starts with
