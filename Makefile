@@ -69,6 +69,7 @@ bench: setup
 	$(BIN)/python benchmarks/retrieval_quality.py --data $(SHARED_DATA)/biomedical/pubmedqa | tee benchmarks/results/retrieval_quality.txt
 	$(BIN)/python benchmarks/serving_throughput.py | tee benchmarks/results/serving_throughput.txt
 	$(BIN)/python benchmarks/adapter_throughput.py | tee benchmarks/results/adapter_throughput.txt
+	SELFSPEC_SHARED_DATA=$(SHARED_DATA) $(BIN)/python benchmarks/prefill_rows.py | tee benchmarks/results/prefill_rows.txt
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -17,7 +17,7 @@ logits; prompt logprobs (OpenAI's echo) from a prefill that keeps the logits at 
 so it prefills each row whole (no shared prefix) in batches bounded by `PROMPT_LOGITS_BUDGET`.
 Long prompts prefill one row at a time (`ROW_PREFILL_MIN_TOKENS`): a row alone needs no padding
 mask, so attention takes SDPA's causal path, which skips the masked half that a padded batch's
-explicit mask makes it compute (1.85x on attention at 2,048 tokens); its cache joins the batch's.
+explicit mask makes it compute (`benchmarks/prefill_rows.py`); its cache joins the batch's.
 """
 
 from __future__ import annotations
