@@ -1,5 +1,5 @@
 """Long prompts: prefill row by row (causal attention, no padding mask) vs one padded batch,
-and the batch token budget that row prefill makes worth raising.
+and whether row prefill makes a larger batch token budget worth it.
 
 The engine prefills a batch whose longest prompt has ROW_PREFILL_MIN_TOKENS or more one row at
 a time: a row alone needs no padding mask, so SDPA takes its causal path, which skips the
@@ -10,7 +10,7 @@ and the ratio per task, with the machine's CPU flags.
 
 Then round 1's instruction prompts of a shipped config (grounded in its corpus, sampled as the
 stage samples them) at each `model.max_batch_tokens` in --budgets, row prefill on: padding no
-longer costs long prompts their prefill, so a larger budget buys larger decode batches.
+longer costs long prompts their prefill, so a larger budget may buy larger decode batches.
 
     python benchmarks/prefill_rows.py [--tasks finance/convfinqa finance/tatqa biomedical/pubmedqa] [--rows 16]
         [--config biomedical-1k --prompts 64 --budgets 8192 32768]
@@ -36,7 +36,7 @@ SHARED = Path(os.environ.get("SELFSPEC_SHARED_DATA", Path(__file__).resolve().pa
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=["finance/convfinqa", "finance/tatqa", "biomedical/pubmedqa"])
+    parser.add_argument("--tasks", nargs="*", default=["finance/convfinqa", "finance/tatqa", "biomedical/pubmedqa"])
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -87,13 +87,11 @@ def main() -> int:
 def budgets(backend, args) -> None:
     """Round 1's instruction prompts of `args.config` at each batch token budget."""
     import tempfile
-    from dataclasses import replace
 
     from selfspec.config import load_config
     from selfspec.io import RunDir
-    from selfspec.models import SamplingParams
-    from selfspec.stages.generate import load_seed_sets, write_instructions
-    from selfspec.stages.generate_instructions import ITEM_END_STOPS, make_prompt_rows
+    from selfspec.stages.generate import instruction_rows, load_seed_sets, write_instructions
+    from selfspec.stages.generate_instructions import make_prompt_rows
     from selfspec.stages.retrieve import PromptGrounder
 
     with tempfile.TemporaryDirectory() as runs:
@@ -101,18 +99,7 @@ def budgets(backend, args) -> None:
         gen, seeds = config.generate, load_seed_sets(config)[0]
         rows = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, args.prompts, gen.num_demos, gen.seed, 1, gen.demos_by_task)
         rows = PromptGrounder.from_config(config, RunDir(f"{runs}/{config.name}")).ground(rows, seeds)
-    next_number = gen.num_demos + gen.instructions_per_prompt + 1
-    free = SamplingParams(
-        temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.instruction_max_new_tokens,
-        stop=(f"\n{next_number}.", *ITEM_END_STOPS), seed=gen.seed,
-    )
-    given_temperature = gen.temperature if gen.given_input_temperature is None else gen.given_input_temperature
-    sampling = {
-        "free": free,
-        "given": replace(free, stop=("\n",), temperature=given_temperature),
-        "field": replace(free, stop=("\n\n", f"\n{next_number}.", *ITEM_END_STOPS), temperature=given_temperature),
-    }
-    rows = [{**r, "sampling": "field" if r.get("open_field") else "given" if r["given_input"] else "free"} for r in rows]
+    rows, sampling = instruction_rows(rows, gen)
     tokens = [backend.count_tokens(r["prompt"]) for r in rows]
     print(f"{args.config} round 1 instruction prompts: {len(rows)}, {statistics.mean(tokens):.0f} tokens mean, {max(tokens)} max")
     times: dict[int, list[float]] = {b: [] for b in args.budgets}

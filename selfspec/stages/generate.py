@@ -87,6 +87,33 @@ def per_group(rows: list[dict[str, Any]], group_of: Callable[[dict[str, Any]], A
     return out
 
 
+def instruction_rows(prompts: list[dict[str, Any]], gen) -> tuple[list[dict[str, Any]], dict[str, SamplingParams]]:
+    """(prompts with the name of their sampling, sorted by it so that batches share one; the
+    sampling per name): free tasks, an instruction line for a given passage, an input field
+    then that line."""
+    # Stop where the model would start the task after the ones we keep.
+    next_number = gen.num_demos + gen.instructions_per_prompt + 1
+    params = SamplingParams(
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        max_new_tokens=gen.instruction_max_new_tokens,
+        stop=(f"\n{next_number}.", f"\n{next_number} .", *(ITEM_END_STOPS if gen.instructions_per_prompt == 1 else ())),
+        seed=gen.seed,
+    )
+    # An instruction for a given passage is one line: stop at its end, not at the token limit.
+    given_temperature = gen.temperature if gen.given_input_temperature is None else gen.given_input_temperature
+    one_line = replace(params, stop=("\n",), temperature=given_temperature)
+    # An input field, then the instruction line: stop at the blank line after it.
+    field_then_line = replace(params, stop=("\n\n", f"\n{next_number}.", *ITEM_END_STOPS), temperature=given_temperature)
+    sampling = {"free": params, "given": one_line, "field": field_then_line}
+
+    def kind(prompt: dict[str, Any]) -> str:
+        return "field" if prompt.get("open_field") else "given" if prompt["given_input"] else "free"
+
+    order = list(sampling)
+    return sorted(({**p, "sampling": kind(p)} for p in prompts), key=lambda p: order.index(p["sampling"])), sampling
+
+
 def write_instructions(
     backend, rows: list[dict[str, Any]], params: dict[str, SamplingParams], adapter: str | None
 ) -> list[dict[str, Any]]:
@@ -406,28 +433,7 @@ def run_round(
     )
     if retriever is not None:
         prompts = retriever.ground(prompts, seeds)
-    # Stop where the model would start the task after the ones we keep.
-    next_number = gen.num_demos + gen.instructions_per_prompt + 1
-    params = SamplingParams(
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        max_new_tokens=gen.instruction_max_new_tokens,
-        stop=(f"\n{next_number}.", f"\n{next_number} .", *(ITEM_END_STOPS if gen.instructions_per_prompt == 1 else ())),
-        seed=gen.seed,
-    )
-    # An instruction for a given passage is one line: stop at its end, not at the token limit.
-    given_temperature = gen.temperature if gen.given_input_temperature is None else gen.given_input_temperature
-    one_line = replace(params, stop=("\n",), temperature=given_temperature)
-    # An input field, then the instruction line: stop at the blank line after it.
-    field_then_line = replace(params, stop=("\n\n", f"\n{next_number}.", *ITEM_END_STOPS), temperature=given_temperature)
-    sampling = {"free": params, "given": one_line, "field": field_then_line}
-
-    def kind(prompt: dict[str, Any]) -> str:
-        return "field" if prompt.get("open_field") else "given" if prompt["given_input"] else "free"
-
-    # One model pass for all prompts, sorted by kind so that batches share their sampling.
-    order = list(sampling)
-    rows = sorted(({**p, "sampling": kind(p)} for p in prompts), key=lambda p: order.index(p["sampling"]))
+    rows, sampling = instruction_rows(prompts, gen)
     raw = _map(rows, functools.partial(write_instructions, params=sampling, adapter=adapter), config, executor, adapters, f"round {round}: instructions")
     raw.sort(key=lambda r: r["prompt_id"])
     drops: Counter[str] = Counter()
