@@ -10,7 +10,9 @@ and the ratio per task, with the machine's CPU flags.
 
 Then round 1's instruction prompts of a shipped config (grounded in its corpus, sampled as the
 stage samples them) at each `model.max_batch_tokens` in --budgets, row prefill on: padding no
-longer costs long prompts their prefill, so a larger budget may buy larger decode batches.
+longer costs long prompts their prefill, so a larger budget may buy larger decode batches. Then
+the answers stage's prompts (the config's seeds stand in for generated instructions; three seed
+demos each, greedy, the stage's token limit and stops) at the same budgets.
 
     python benchmarks/prefill_rows.py [--tasks finance/convfinqa finance/tatqa biomedical/pubmedqa] [--rows 16]
         [--config biomedical-1k --prompts 64 --budgets 8192 32768]
@@ -85,7 +87,7 @@ def main() -> int:
 
 
 def budgets(backend, args) -> None:
-    """Round 1's instruction prompts of `args.config` at each batch token budget."""
+    """Round 1's instruction prompts of `args.config`, then answer prompts, at each batch token budget."""
     import tempfile
 
     from selfspec.config import load_config
@@ -109,8 +111,34 @@ def budgets(backend, args) -> None:
             started = time.perf_counter()
             write_instructions(backend, rows, sampling, None)
             times[budget].append(time.perf_counter() - started)
-    first = statistics.median(times[args.budgets[0]])
-    for budget in args.budgets:
+    report_budgets(times, args.budgets)
+
+    # The answers stage's prompts, with the seeds standing in for generated instructions.
+    from selfspec.models import SamplingParams
+    from selfspec.stages.generate_responses import RESPONSE_STOPS, response_rows
+
+    answers = response_rows(
+        [{"instruction": s["instruction"], "input": s["input"], "task": s.get("task", ""), "id": f"seed-{i}"} for i, s in enumerate(seeds.seeds)],
+        seeds.seeds,
+        gen.response_demos,
+    )[: args.prompts]
+    messages = [row["messages"] for row in answers]
+    params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
+    tokens = [backend.count_tokens(m) for m in messages]
+    print(f"{args.config} answer prompts (its seeds as the instructions): {len(messages)}, {statistics.mean(tokens):.0f} tokens mean, {max(tokens)} max")
+    times = {b: [] for b in args.budgets}
+    for _ in range(args.repeats):
+        for budget in args.budgets:
+            backend.max_batch_tokens = budget
+            started = time.perf_counter()
+            backend.generate(messages, params)
+            times[budget].append(time.perf_counter() - started)
+    report_budgets(times, args.budgets)
+
+
+def report_budgets(times: dict[int, list[float]], budgets: list[int]) -> None:
+    first = statistics.median(times[budgets[0]])
+    for budget in budgets:
         median = statistics.median(times[budget])
         print(f"  max_batch_tokens {budget}: {' '.join(f'{t:.1f}' for t in times[budget])} s, x{first / median:.2f} the first budget (medians)")
 
