@@ -104,14 +104,7 @@ def budgets(backend, args) -> None:
     rows, sampling = instruction_rows(rows, gen)
     tokens = [backend.count_tokens(r["prompt"]) for r in rows]
     print(f"{args.config} round 1 instruction prompts: {len(rows)}, {statistics.mean(tokens):.0f} tokens mean, {max(tokens)} max")
-    times: dict[int, list[float]] = {b: [] for b in args.budgets}
-    for _ in range(args.repeats):
-        for budget in args.budgets:
-            backend.max_batch_tokens = budget
-            started = time.perf_counter()
-            write_instructions(backend, rows, sampling, None)
-            times[budget].append(time.perf_counter() - started)
-    report_budgets(times, args.budgets)
+    time_budgets(backend, args, lambda: write_instructions(backend, rows, sampling, None))
 
     # The answers stage's prompts, with the seeds standing in for generated instructions.
     from selfspec.models import SamplingParams
@@ -126,19 +119,20 @@ def budgets(backend, args) -> None:
     params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
     tokens = [backend.count_tokens(m) for m in messages]
     print(f"{args.config} answer prompts (its seeds as the instructions): {len(messages)}, {statistics.mean(tokens):.0f} tokens mean, {max(tokens)} max")
-    times = {b: [] for b in args.budgets}
+    time_budgets(backend, args, lambda: backend.generate(messages, params))
+
+
+def time_budgets(backend, args, work) -> None:
+    """Time `work` at each of --budgets, alternating, --repeats times; print against the first."""
+    times: dict[int, list[float]] = {b: [] for b in args.budgets}
     for _ in range(args.repeats):
         for budget in args.budgets:
             backend.max_batch_tokens = budget
             started = time.perf_counter()
-            backend.generate(messages, params)
+            work()
             times[budget].append(time.perf_counter() - started)
-    report_budgets(times, args.budgets)
-
-
-def report_budgets(times: dict[int, list[float]], budgets: list[int]) -> None:
-    first = statistics.median(times[budgets[0]])
-    for budget in budgets:
+    first = statistics.median(times[args.budgets[0]])
+    for budget in args.budgets:
         median = statistics.median(times[budget])
         print(f"  max_batch_tokens {budget}: {' '.join(f'{t:.1f}' for t in times[budget])} s, x{first / median:.2f} the first budget (medians)")
 
