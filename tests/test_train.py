@@ -368,7 +368,8 @@ def test_bf16_loss_and_gradients_track_fp32(tokenizer):
             losses = []
             T.fit(model, optimizer, scheduler, records, cfg, plan, pad_id=tok.pad_token_id, device=CPU, amp=amp,
                   on_step=lambda m: losses.append(m.loss))
-            assert losses[-1] < losses[0], losses
+            # Two batches a step apart, each seen again an epoch later: each one's loss falls.
+            assert losses[2] < losses[0] and losses[3] < losses[1], losses
     (loss32, grad32), (loss16, grad16) = first["fp32"], first["bf16"]
     assert loss16 == pytest.approx(loss32, rel=0.01)
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0).item() >= 0.99
@@ -435,6 +436,8 @@ def test_fast_lora_inputs_equal_peft_layers_in_bf16(tokenizer):
     cfg = TrainConfig(max_seq_len=64, batch_size=4, dropout=0.0)
     amp = torch.bfloat16
     model, tok = T.load_lora_model(MODEL, cfg, CPU, amp)
+    # SDPA's attention keeps its scores in fp32, so what differs here is the LoRA layers alone.
+    model.get_base_model().set_attn_implementation("sdpa")
     records, _ = T.tokenize_examples(make_examples(4), tok, "chat", cfg.max_seq_len)
     batch = T.collate(records, tok.pad_token_id)
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -495,3 +498,54 @@ def test_right_padded_batches_run_without_the_mask_and_give_the_same_loss(tokeni
     (causal, causal_grad), (masked, masked_grad) = results
     assert causal == pytest.approx(masked, rel=1e-5)
     assert ((causal_grad - masked_grad).norm() / masked_grad.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_matmul_attention_equals_sdpa_forward_and_backward(padded):
+    """fp32, grouped query heads (6 query heads on 2 key/value heads), causal rows with and
+    without a left-padding mask: the same output and gradients as transformers' SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    batch, length = 3, 11
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=3, training=True)
+    mask = None
+    if padded:
+        keys = torch.ones(batch, length, dtype=torch.bool)
+        keys[1, :4] = False  # row 1: four pad tokens on the left
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        mask = (causal[None] & keys[:, None, :])[:, None]  # (batch, 1, queries, keys), True: attend
+    outputs = []
+    for attention in (T.matmul_attention, sdpa_attention_forward):
+        torch.manual_seed(1)
+        q, k, v = (torch.randn(batch, h, length, 8, requires_grad=True) for h in (6, 2, 2))
+        out, _ = attention(module, q, k, v, mask, scaling=0.3)
+        real = slice(None) if not padded else (torch.arange(batch)[:, None] != 1) | (torch.arange(length)[None] >= 4)
+        grad_out = torch.randn(out.shape)
+        (out * grad_out)[real].sum().backward()
+        outputs.append((out[real], q.grad, k.grad, v.grad))
+    for ours, sdpa in zip(*outputs):
+        torch.testing.assert_close(ours, sdpa, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_training_runs_matmul_attention_with_the_loss_and_gradients_of_sdpa(tokenizer):
+    """fp32, the real model: right-padded rows (no mask: causal) and the same rows left-padded
+    (the mask passed) give SDPA's loss and adapter gradients."""
+    cfg = TrainConfig(max_seq_len=64, batch_size=4, dropout=0.0)
+    model, tok = T.load_lora_model(MODEL, cfg, CPU, None)
+    base = model.get_base_model()
+    assert base.config._attn_implementation == T.TRAIN_ATTENTION
+    records, _ = T.tokenize_examples(make_examples(4), tok, "chat", cfg.max_seq_len)
+    records[0] = {key: value[:-7] for key, value in records[0].items()}  # rows of two lengths
+    right = T.collate(records, tok.pad_token_id)
+    pads = (1 - right["attention_mask"]).sum(dim=1)
+    left = {key: torch.stack([row.roll(int(p)) for row, p in zip(value, pads)]) for key, value in right.items()}
+    assert not T.right_padded(left["attention_mask"])
+    for batch in (right, left):
+        results = []
+        for attention in (T.TRAIN_ATTENTION, "sdpa"):
+            base.set_attn_implementation(attention)
+            results.append(loss_and_grad(model, batch, None))
+        (ours, ours_grad), (sdpa, sdpa_grad) = results
+        assert ours == pytest.approx(sdpa, rel=1e-5)
+        assert ((ours_grad - sdpa_grad).norm() / sdpa_grad.norm()).item() < 1e-5
