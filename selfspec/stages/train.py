@@ -286,7 +286,7 @@ def contiguous_output_layer_input(model) -> None:
 
 
 TRAIN_ATTENTION = "selfspec_train"
-MATMUL_ATTENTION_MAX_KEYS = 1024  # beyond this the scores' memory (rows x heads x length^2) outweighs the gain
+MATMUL_ATTENTION_MAX_KEYS = 1024  # longer rows go to SDPA, whose kernel never holds rows x heads x length^2 scores
 
 
 def matmul_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
