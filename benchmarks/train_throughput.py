@@ -18,8 +18,8 @@ The output layer runs only on tokens that carry loss, so 4 * N_head * (share of 
 without loss) is taken off. A third loop runs the training loop as it was before the CPU work
 of issue 25 (PEFT's LoRA layers as shipped, the output layer at every position), for the ratio;
 its loss curve differs only by dropout's random masks.
-The plain loop also runs with SDPA's attention in place of `matmul_attention` (CPU training's
-attention), twice each, alternating, for that ratio.
+Then CPU training's attention (`matmul_attention`) against SDPA's: each batch trained both ways in
+one process, in alternating order.
 
 Usage: python benchmarks/train_throughput.py [--steps 8] [--batch-size 8] [--seq-len 256] [--threads 2]
 """
@@ -79,13 +79,6 @@ def synthetic_examples(count: int) -> list[dict]:
     ]
 
 
-def steady_rate_of(runs: list[list[dict]]) -> tuple[float, float]:
-    """(tokens/s, s/step) over several runs, each without its first step."""
-    rest = [row for rows in runs for row in rows[1:]]
-    tokens, seconds = sum(r["tokens"] for r in rest), sum(r["seconds"] for r in rest)
-    return tokens / seconds, seconds / len(rest)
-
-
 def steady_rate(rows: list[dict]) -> tuple[float, float]:
     """(tokens/s, s/step) over all steps but the first."""
     rest = rows[1:]
@@ -94,19 +87,18 @@ def steady_rate(rows: list[dict]) -> tuple[float, float]:
 
 
 def plain_pytorch(
-    cfg: TrainConfig, examples: list[dict], threads: int, device: str = "cpu", as_before: bool = False, sdpa: bool = False
+    cfg: TrainConfig, examples: list[dict], threads: int, device: str = "cpu", as_before: bool = False
 ) -> tuple[list[dict], dict]:
     """`fit` in this process; `as_before`: the loop as it was before this issue's CPU work,
     PEFT's LoRA layers as shipped (nn.Dropout, the input copied to fp32), the output layer
     over every position, its input left strided, the attention mask always passed, and
-    SDPA's attention; `sdpa`: today's loop with SDPA's attention instead of `matmul_attention`."""
+    SDPA's attention."""
     torch.set_num_threads(threads)
     saved = {name: getattr(T, name) for name in ("loss_positions_head", "use_fast_lora_inputs",
                                                   "contiguous_output_layer_input", "right_padded",
                                                   "use_matmul_attention")}
-    if as_before or sdpa:
-        T.use_matmul_attention = lambda model: None
     if as_before:
+        T.use_matmul_attention = lambda model: None
         T.loss_positions_head = lambda model: None
         T.use_fast_lora_inputs = T.contiguous_output_layer_input = lambda model: None
         T.right_padded = lambda mask: False  # the attention mask passed as it was
@@ -140,6 +132,33 @@ def _plain_pytorch(cfg: TrainConfig, examples: list[dict], threads: int, device:
         "rows": len(rows),
     }
     return history, info
+
+
+def attention_ab(cfg: TrainConfig, examples: list[dict], threads: int, steps: int) -> tuple[float, float]:
+    """Each of `steps` batches trained twice in one process, once with SDPA's attention and once
+    with `matmul_attention`, in alternating order (the host drifts by 5% between loops and more
+    between hours; here it cancels out). -> (tokens/s with SDPA, with matmul_attention), the
+    first batch left out."""
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    amp = T.autocast_dtype(cfg.precision, device)
+    model, tokenizer = T.load_lora_model(MODEL, cfg, device, amp)
+    records, _ = T.tokenize_examples(examples, tokenizer, T.resolve_template(cfg.template, tokenizer), cfg.max_seq_len)
+    rows = T.pack_examples(records, cfg.max_seq_len)
+    optimizer, scheduler = T.build_optimizer(model, cfg, 2 * steps)
+    base = model.get_base_model()
+    seconds, tokens = {"sdpa": 0.0, T.TRAIN_ATTENTION: 0.0}, 0
+    for i in range(steps):
+        batch = rows[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        targets, count = T.count_tokens([batch])
+        for attention in ("sdpa", T.TRAIN_ATTENTION) if i % 2 else (T.TRAIN_ATTENTION, "sdpa"):
+            base.set_attn_implementation(attention)
+            started = time.perf_counter()
+            T.train_step(model, optimizer, scheduler, [batch], global_targets=targets, world_size=1,
+                         pad_id=tokenizer.pad_token_id, device=device, amp=amp, max_grad_norm=cfg.max_grad_norm)
+            seconds[attention] += (time.perf_counter() - started) if i else 0.0
+        tokens += count if i else 0
+    return tokens / seconds["sdpa"], tokens / seconds[T.TRAIN_ATTENTION]
 
 
 def ray_train(cfg: TrainConfig, examples: list[dict], threads: int, worker_niceness: int | None = None) -> list[dict]:
@@ -179,20 +198,15 @@ def main() -> int:
     amp = T.autocast_dtype(cfg.precision, torch.device("cpu")) or torch.float32
     peak = matmul_gflops(amp)
     full, _ = plain_pytorch(cfg, examples, args.threads, as_before=True)
-    # Attention: SDPA's kernel and ours, twice each, alternating (runs move by about 5%).
-    sdpa_runs, plain_runs = [], []
-    for _ in range(2):
-        sdpa_runs.append(plain_pytorch(cfg, examples, args.threads, sdpa=True)[0])
-        plain, info = plain_pytorch(cfg, examples, args.threads)
-        plain_runs.append(plain)
+    plain, info = plain_pytorch(cfg, examples, args.threads)
+    sdpa_rate, ours_rate = attention_ab(cfg, examples, args.threads, args.steps)
     ray_rows = ray_train(cfg, examples, args.threads)
     nice0_rows = ray_train(cfg, examples, args.threads, worker_niceness=0)
     peak_after = matmul_gflops(amp)
     load_after = os.getloadavg()[0]
 
     full_rate, full_step = steady_rate(full)
-    plain_rate, plain_step = steady_rate_of(plain_runs)
-    sdpa_rate, sdpa_step = steady_rate_of(sdpa_runs)
+    plain_rate, plain_step = steady_rate(plain)
     ray_rate, ray_step = steady_rate(ray_rows)
     nice0_rate, nice0_step = steady_rate(nice0_rows)
     tokens_per_row = sum(r["tokens"] for r in plain) / len(plain) / args.batch_size
@@ -215,9 +229,9 @@ def main() -> int:
     print(f"plain, as before:    {full_rate:8.1f} tokens/s  ({full_step:.2f} s/step)  "
           f"(PEFT's layers as shipped, output layer at every position)")
     print(f"plain PyTorch:       {plain_rate:8.1f} tokens/s  ({plain_step:.2f} s/step)  "
-          f"x{plain_rate / full_rate:.2f} vs as before; runs {' / '.join(f'{steady_rate(r)[0]:.1f}' for r in plain_runs)}")
-    print(f"  SDPA attention:    {sdpa_rate:8.1f} tokens/s  ({sdpa_step:.2f} s/step)  "
-          f"matmul_attention runs x{plain_rate / sdpa_rate:.3f} of it; runs {' / '.join(f'{steady_rate(r)[0]:.1f}' for r in sdpa_runs)}")
+          f"x{plain_rate / full_rate:.2f} vs as before")
+    print(f"attention, each batch both ways, alternating: matmul_attention {ours_rate:.1f} vs SDPA {sdpa_rate:.1f} "
+          f"tokens/s, x{ours_rate / sdpa_rate:.3f}")
     print(f"Ray Train, 1 worker: {ray_rate:8.1f} tokens/s  ({ray_step:.2f} s/step)  (workers at nice 15, Ray's default)")
     print(f"  workers at nice 0: {nice0_rate:8.1f} tokens/s  ({nice0_step:.2f} s/step)")
     print(f"ratio Ray / plain:   {ray_rate / plain_rate:8.3f}, at nice 0 {nice0_rate / plain_rate:.3f}  (goal >= 0.9)")
@@ -228,7 +242,8 @@ def main() -> int:
     for name, rate, flops in (
         ("as before", full_rate, flops_per_token),
         ("plain", plain_rate, flops_per_token - head_saved),
-        ("plain sdpa", sdpa_rate, flops_per_token - head_saved),
+        ("A/B matmul", ours_rate, flops_per_token - head_saved),
+        ("A/B sdpa", sdpa_rate, flops_per_token - head_saved),
         ("ray", ray_rate, flops_per_token - head_saved),
         ("ray nice 0", nice0_rate, flops_per_token - head_saved),
     ):
@@ -238,7 +253,6 @@ def main() -> int:
           f"(Ray Train's worker is a process of its own)")
     print(f"loss step 1 -> {args.steps}: as before {full[0]['loss']:.3f} -> {full[-1]['loss']:.3f}, "
           f"plain {plain[0]['loss']:.3f} -> {plain[-1]['loss']:.3f}, "
-          f"plain sdpa {sdpa_runs[-1][0]['loss']:.3f} -> {sdpa_runs[-1][-1]['loss']:.3f}, "
           f"ray {ray_rows[0]['loss']:.3f} -> {ray_rows[-1]['loss']:.3f}, "
           f"ray nice 0 {nice0_rows[0]['loss']:.3f} -> {nice0_rows[-1]['loss']:.3f}")
     return 0
