@@ -314,22 +314,21 @@ def matmul_attention(module, query, key, value, attention_mask, scaling=None, dr
     group = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
     q = query.reshape(batch, kv_heads, group * length, dim)
-    scores = torch.matmul(q, key.transpose(-1, -2)).float().view(batch, kv_heads, group, length, keys)
-    lowest = torch.finfo(torch.float32).min  # finite, as eager: a fully masked row stays a number
+    scores = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scale).view(batch, kv_heads, group, length, keys)
+
+    def by_group(mask: torch.Tensor) -> torch.Tensor:  # (batch, heads or 1, length, keys) -> the scores' shape
+        return mask.unflatten(1, (kv_heads, group)) if mask.shape[1] == heads and group > 1 else mask.unsqueeze(2)
+
     if attention_mask is None:
         causal = length > 1 and getattr(module, "is_causal", True)
-        if causal:
-            hidden = torch.ones(length, keys, dtype=torch.bool, device=query.device).triu_(keys - length + 1)
-            scores = scores.mul_(scale).masked_fill_(hidden, lowest)
-        else:
-            scores = scores.mul_(scale)
+        hidden = torch.ones(length, keys, dtype=torch.bool, device=query.device).triu_(keys - length + 1) if causal else None
+    elif attention_mask.dtype == torch.bool:
+        hidden = by_group(~attention_mask)
     else:
-        if attention_mask.dtype == torch.bool:
-            bias = torch.zeros(attention_mask.shape, dtype=torch.float32, device=query.device).masked_fill_(~attention_mask, lowest)
-        else:
-            bias = attention_mask.float()
-        bias = bias.unflatten(1, (kv_heads, group)) if bias.shape[1] == heads and group > 1 else bias.unsqueeze(2)
-        scores = torch.add(bias, scores, alpha=scale)
+        hidden = None
+        scores = scores.add_(by_group(attention_mask.float()))
+    if hidden is not None:  # finite, as eager: a fully masked row stays a number
+        scores = scores.masked_fill_(hidden, torch.finfo(torch.float32).min)
     probs = scores.softmax(dim=-1).to(value.dtype).view(batch, kv_heads, group * length, keys)
     out = torch.matmul(probs, value).view(batch, heads, length, dim)
     return out.transpose(1, 2).contiguous(), None
