@@ -107,8 +107,8 @@ def budgets(backend, args) -> None:
     time_budgets(backend, args, lambda: write_instructions(backend, rows, sampling, None))
 
     # The answers stage's prompts, with the seeds standing in for generated instructions.
-    from selfspec.models import SamplingParams
-    from selfspec.stages.generate_responses import RESPONSE_STOPS, response_rows
+    from selfspec.stages.generate import response_params
+    from selfspec.stages.generate_responses import response_rows
 
     answers = response_rows(
         [{"instruction": s["instruction"], "input": s["input"], "task": s.get("task", ""), "id": f"seed-{i}"} for i, s in enumerate(seeds.seeds)],
@@ -116,7 +116,7 @@ def budgets(backend, args) -> None:
         gen.response_demos,
     )[: args.prompts]
     messages = [row["messages"] for row in answers]
-    params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
+    params = response_params(gen)
     tokens = [backend.count_tokens(m) for m in messages]
     print(f"{args.config} answer prompts (its seeds as the instructions): {len(messages)}, {statistics.mean(tokens):.0f} tokens mean, {max(tokens)} max")
     time_budgets(backend, args, lambda: backend.generate(messages, params))

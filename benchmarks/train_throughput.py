@@ -109,12 +109,18 @@ def plain_pytorch(
             setattr(T, name, value)
 
 
-def _plain_pytorch(cfg: TrainConfig, examples: list[dict], threads: int, device: str) -> tuple[list[dict], dict]:
-    device = torch.device(device)
+def lora_model_and_rows(cfg: TrainConfig, examples: list[dict], device: torch.device):
+    """-> (LoRA model, tokenizer, training rows, autocast dtype), as `run_train` builds them."""
     amp = T.autocast_dtype(cfg.precision, device)
     model, tokenizer = T.load_lora_model(MODEL, cfg, device, amp)
     records, _ = T.tokenize_examples(examples, tokenizer, T.resolve_template(cfg.template, tokenizer), cfg.max_seq_len)
     rows = T.pack_examples(records, cfg.max_seq_len) if cfg.packing else records
+    return model, tokenizer, rows, amp
+
+
+def _plain_pytorch(cfg: TrainConfig, examples: list[dict], threads: int, device: str) -> tuple[list[dict], dict]:
+    device = torch.device(device)
+    model, tokenizer, rows, amp = lora_model_and_rows(cfg, examples, device)
     plan = T.StepPlan.build(-(-len(rows) // cfg.batch_size), cfg)
     optimizer, scheduler = T.build_optimizer(model, cfg, plan.total_steps)
     history: list[dict] = []
@@ -141,10 +147,7 @@ def attention_ab(cfg: TrainConfig, examples: list[dict], threads: int, steps: in
     first batch left out."""
     torch.set_num_threads(threads)
     device = torch.device("cpu")
-    amp = T.autocast_dtype(cfg.precision, device)
-    model, tokenizer = T.load_lora_model(MODEL, cfg, device, amp)
-    records, _ = T.tokenize_examples(examples, tokenizer, T.resolve_template(cfg.template, tokenizer), cfg.max_seq_len)
-    rows = T.pack_examples(records, cfg.max_seq_len)
+    model, tokenizer, rows, amp = lora_model_and_rows(cfg, examples, device)
     optimizer, scheduler = T.build_optimizer(model, cfg, 2 * steps)
     base = model.get_base_model()
     seconds, tokens = {"sdpa": 0.0, T.TRAIN_ATTENTION: 0.0}, 0

@@ -114,6 +114,12 @@ def instruction_rows(prompts: list[dict[str, Any]], gen) -> tuple[list[dict[str,
     return sorted(({**p, "sampling": kind(p)} for p in prompts), key=lambda p: order.index(p["sampling"])), sampling
 
 
+def response_params(gen) -> SamplingParams:
+    """Open-ended answers: greedy, at most `response_max_new_tokens` (a row may carry a smaller
+    budget), stopped at the next prompt marker."""
+    return SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
+
+
 def write_instructions(
     backend, rows: list[dict[str, Any]], params: dict[str, SamplingParams], adapter: str | None
 ) -> list[dict[str, Any]]:
@@ -485,9 +491,8 @@ def run_round(
         for r in to_answer
         if not label_task(profiles, r["task"])
     ]
-    response_params = SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
     labelled, label_step = label_rows_and_step(labelled, gen, profiles, adapter)
-    steps = {"label": label_step, "response": functools.partial(write_responses, params=response_params, adapter=adapter)}
+    steps = {"label": label_step, "response": functools.partial(write_responses, params=response_params(gen), adapter=adapter)}
     to_model = [{**r, "answer_step": "label"} for r in labelled] + [{**r, "answer_step": "response"} for r in open_ended]
     answered = list(fixed) + [
         {k: v for k, v in r.items() if k != "answer_step"}
