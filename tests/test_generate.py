@@ -376,8 +376,8 @@ def test_sigkill_midway_then_rerun_finishes_without_loss_or_duplicates(tmp_path)
     data = tmp_path / "kill" / "data"
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 900
-    manifest = data / "manifest.json"
-    while time.time() < deadline and not manifest.exists() and proc.poll() is None:
+    # The manifest is written before round 1 (the label check): wait for round 1's shard.
+    while time.time() < deadline and not _shards(data) and proc.poll() is None:
         time.sleep(0.5)
     assert proc.poll() is None, "generation finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
