@@ -11,8 +11,9 @@ and the ratio per task, with the machine's CPU flags.
 Then round 1's instruction prompts of a shipped config (grounded in its corpus, sampled as the
 stage samples them) at each `model.max_batch_tokens` in --budgets, row prefill on: padding no
 longer costs long prompts their prefill, so a larger budget may buy larger decode batches. Then
-the answers stage's prompts (the config's seeds stand in for generated instructions; three seed
-demos each, greedy, the stage's token limit and stops) at the same budgets.
+the answers stage's open-ended prompts (the config's seeds of free-answer types stand in for
+generated instructions; three seed demos each, greedy, each row at its task type's token budget,
+the stage's stops) at the same budgets.
 
     python benchmarks/prefill_rows.py [--tasks finance/convfinqa finance/tatqa biomedical/pubmedqa] [--rows 16]
         [--config biomedical-1k --prompts 64 --budgets 8192 32768]
@@ -106,20 +107,17 @@ def budgets(backend, args) -> None:
     print(f"{args.config} round 1 instruction prompts: {len(rows)}, {statistics.mean(tokens):.0f} tokens mean, {max(tokens)} max")
     time_budgets(backend, args, lambda: write_instructions(backend, rows, sampling, None))
 
-    # The answers stage's prompts, with the seeds standing in for generated instructions.
-    from selfspec.stages.generate import response_params
+    # The answers stage's open-ended prompts (label tasks are scored, not written), with the
+    # seeds standing in for generated instructions, each at its task type's token budget.
+    from selfspec.quality import task_profiles
+    from selfspec.stages.generate import open_ended_rows, response_params, write_responses
     from selfspec.stages.generate_responses import response_rows
 
-    answers = response_rows(
-        [{"instruction": s["instruction"], "input": s["input"], "task": s.get("task", ""), "id": f"seed-{i}"} for i, s in enumerate(seeds.seeds)],
-        seeds.seeds,
-        gen.response_demos,
-    )[: args.prompts]
-    messages = [row["messages"] for row in answers]
-    params = response_params(gen)
-    tokens = [backend.count_tokens(m) for m in messages]
-    print(f"{args.config} answer prompts (its seeds as the instructions): {len(messages)}, {statistics.mean(tokens):.0f} tokens mean, {max(tokens)} max")
-    time_budgets(backend, args, lambda: backend.generate(messages, params))
+    seed_rows = [{"instruction": s["instruction"], "input": s["input"], "task": s.get("task", ""), "id": f"seed-{i}"} for i, s in enumerate(seeds.seeds)]
+    answers = open_ended_rows(response_rows(seed_rows, seeds.seeds, gen.response_demos), task_profiles(seeds.seeds), gen)[: args.prompts]
+    tokens = [backend.count_tokens(row["messages"]) for row in answers]
+    print(f"{args.config} answer prompts (its open-ended seeds as the instructions): {len(answers)}, {statistics.mean(tokens):.0f} tokens mean, {max(tokens)} max")
+    time_budgets(backend, args, lambda: write_responses(backend, answers, response_params(gen), None))
 
 
 def time_budgets(backend, args, work) -> None:

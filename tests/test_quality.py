@@ -216,6 +216,21 @@ def test_response_budgets_cover_every_answer_off_form_keeps():
     assert response_budget(gene_ner, 10_000) >= 2 * FORM_LENGTH_RATIO * gene_ner.max_output_words
 
 
+def test_open_ended_rows_leave_label_tasks_to_scoring_and_carry_their_type_budget():
+    from selfspec.config import GenerateConfig
+    from selfspec.quality import response_budget
+    from selfspec.stages.generate import open_ended_rows
+
+    profiles = task_profiles(load_seeds("seeds/biomedical.yaml").seeds)
+    gen = GenerateConfig(response_max_new_tokens=128)
+    rows = [{"id": str(i), "task": task} for i, task in enumerate(["yes_no_qa", "gene_ner", "summarization", ""])]
+    out = open_ended_rows(rows, profiles, gen)
+    assert profiles["yes_no_qa"].labelled
+    assert [r["task"] for r in out] == ["gene_ner", "summarization", ""]
+    assert [r["max_new_tokens"] for r in out] == [response_budget(profiles["gene_ner"], 128), response_budget(profiles["summarization"], 128), 128]
+    assert out[0]["max_new_tokens"] < 128
+
+
 def test_write_responses_gives_each_row_its_own_budget(backend):
     from selfspec.models import SamplingParams
     from selfspec.stages.generate import write_responses

@@ -120,6 +120,16 @@ def response_params(gen) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_new_tokens=gen.response_max_new_tokens, stop=RESPONSE_STOPS)
 
 
+def open_ended_rows(rows: list[dict[str, Any]], profiles: dict[str, TaskProfile], gen) -> list[dict[str, Any]]:
+    """The rows the answers stage writes a free response for (not label tasks), each with its
+    task type's token budget (`response_budget`)."""
+    return [
+        {**r, "max_new_tokens": response_budget(profiles.get(r["task"]), gen.response_max_new_tokens)}
+        for r in rows
+        if not label_task(profiles, r["task"])
+    ]
+
+
 def write_instructions(
     backend, rows: list[dict[str, Any]], params: dict[str, SamplingParams], adapter: str | None
 ) -> list[dict[str, Any]]:
@@ -486,11 +496,7 @@ def run_round(
     fixed_labels = fixed_labels or {}
     fixed = [answered_with(r, fixed_labels[r["task"]]) for r in to_answer if r["task"] in fixed_labels]
     labelled = [r for r in to_answer if label_task(profiles, r["task"]) and r["task"] not in fixed_labels]
-    open_ended = [
-        {**r, "max_new_tokens": response_budget(profiles.get(r["task"]), gen.response_max_new_tokens)}
-        for r in to_answer
-        if not label_task(profiles, r["task"])
-    ]
+    open_ended = open_ended_rows(to_answer, profiles, gen)
     labelled, label_step = label_rows_and_step(labelled, gen, profiles, adapter)
     steps = {"label": label_step, "response": functools.partial(write_responses, params=response_params(gen), adapter=adapter)}
     to_model = [{**r, "answer_step": "label"} for r in labelled] + [{**r, "answer_step": "response"} for r in open_ended]
