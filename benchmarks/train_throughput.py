@@ -22,6 +22,10 @@ Then CPU training's attention (`matmul_attention`) against SDPA's: each batch tr
 one process, in alternating order.
 
 Usage: python benchmarks/train_throughput.py [--steps 8] [--batch-size 8] [--seq-len 256] [--threads 2]
+       python benchmarks/train_throughput.py --attention-crossover 128 256 320 384 512 [--steps 7]
+
+--attention-crossover runs only that A/B, at each packed row length, with matmul_attention's key
+limit lifted: where it stops paying is how `MATMUL_ATTENTION_MAX_KEYS` was chosen.
 """
 
 from __future__ import annotations
@@ -164,6 +168,25 @@ def attention_ab(cfg: TrainConfig, examples: list[dict], threads: int, steps: in
     return tokens / seconds["sdpa"], tokens / seconds[T.TRAIN_ATTENTION]
 
 
+def attention_crossover(args) -> int:
+    """The attention A/B alone at each of --attention-crossover's packed row lengths, with no
+    key limit on `matmul_attention` (past it, both arms would run SDPA)."""
+    print(f"machine: {cpu_facts()}, {args.threads} threads; {time.strftime('%Y-%m-%d %H:%M')}")
+    limit, T.MATMUL_ATTENTION_MAX_KEYS = T.MATMUL_ATTENTION_MAX_KEYS, 10**9
+    try:
+        for seq_len in args.attention_crossover:
+            cfg = TrainConfig(max_seq_len=seq_len, batch_size=args.batch_size, max_steps=args.steps, packing=True,
+                              precision=args.precision, checkpoint_every=10_000, cpus_per_worker=args.threads)
+            examples = synthetic_examples(args.steps * args.batch_size * (seq_len // 50 + 1))
+            sdpa_rate, ours_rate = attention_ab(cfg, examples, args.threads, args.steps)
+            print(f"packed rows of {seq_len:4d} tokens: matmul_attention {ours_rate:6.1f} vs SDPA {sdpa_rate:6.1f} "
+                  f"tokens/s, x{ours_rate / sdpa_rate:.3f}", flush=True)
+    finally:
+        T.MATMUL_ATTENTION_MAX_KEYS = limit
+    print(f"matmul_attention's key limit as shipped: {limit}")
+    return 0
+
+
 def ray_train(cfg: TrainConfig, examples: list[dict], threads: int, worker_niceness: int | None = None) -> list[dict]:
     """`run_train` on a fresh local Ray; `worker_niceness` None keeps Ray's default (15)."""
     import ray
@@ -187,8 +210,11 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--attention-crossover", type=int, nargs="+", metavar="SEQ_LEN")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.attention_crossover:
+        return attention_crossover(args)
 
     cfg = TrainConfig(
         max_seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, packing=True,

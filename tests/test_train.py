@@ -528,6 +528,17 @@ def test_matmul_attention_equals_sdpa_forward_and_backward(padded):
         torch.testing.assert_close(ours, sdpa, atol=1e-5, rtol=1e-4)
 
 
+def test_matmul_attention_leaves_rows_over_its_key_limit_to_sdpa():
+    """Past MATMUL_ATTENTION_MAX_KEYS the SDPA kernel runs: its output, bit for bit."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=3, training=True)
+    length = T.MATMUL_ATTENTION_MAX_KEYS + 1
+    q, k, v = (torch.randn(1, h, length, 8) for h in (6, 2, 2))
+    assert torch.equal(T.matmul_attention(module, q, k, v, None)[0], sdpa_attention_forward(module, q, k, v, None)[0])
+
+
 def test_cpu_training_runs_matmul_attention_with_the_loss_and_gradients_of_sdpa(tokenizer):
     """fp32, the real model: right-padded rows (no mask: causal) and the same rows left-padded
     (the mask passed) give SDPA's loss and adapter gradients."""

@@ -286,12 +286,16 @@ def contiguous_output_layer_input(model) -> None:
 
 
 TRAIN_ATTENTION = "selfspec_train"
-MATMUL_ATTENTION_MAX_KEYS = 1024  # longer rows go to SDPA, whose kernel never holds rows x heads x length^2 scores
+# Longer rows go to SDPA: its kernel never holds rows x heads x length^2 fp32 scores, whose
+# elementwise passes grow with the square. Whole LoRA steps, batches of 8 packed rows, bf16, AVX512-BF16
+# EPYC, per batch in one process, two runs (`train_throughput.py --attention-crossover`): x1.12-1.13 at
+# 128 tokens, x1.09-1.10 at 256 and at 320, x0.92-0.98 at 384, x0.88-0.97 at 512.
+MATMUL_ATTENTION_MAX_KEYS = 320
 
 
 def matmul_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Training attention on CPU as two batched matmuls around an fp32 softmax, the arithmetic
-    of transformers' eager attention. On rows of a few hundred tokens its backward runs about
+    of transformers' eager attention. On rows of up to 320 tokens its backward runs about
     twice as fast as the CPU flash-attention kernel's (bf16, 8 rows x 9 heads x 256 tokens:
     17 vs 27-34 ms a layer, the forward equal). Each key/value head serves its group of
     query heads as one taller matmul, without repeating the keys. Under bf16 the scores are
