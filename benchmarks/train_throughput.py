@@ -83,6 +83,16 @@ def synthetic_examples(count: int) -> list[dict]:
     ]
 
 
+def bench_work(args, seq_len: int) -> tuple[TrainConfig, list[dict]]:
+    """The benchmark's training config at `seq_len` packed tokens a row, and enough synthetic
+    examples that no row repeats within the run."""
+    cfg = TrainConfig(
+        max_seq_len=seq_len, batch_size=args.batch_size, max_steps=args.steps, packing=True,
+        precision=args.precision, checkpoint_every=10_000, cpus_per_worker=args.threads,
+    )
+    return cfg, synthetic_examples(args.steps * args.batch_size * (seq_len // 50 + 1))
+
+
 def steady_rate(rows: list[dict]) -> tuple[float, float]:
     """(tokens/s, s/step) over all steps but the first."""
     rest = rows[1:]
@@ -175,9 +185,7 @@ def attention_crossover(args) -> int:
     limit, T.MATMUL_ATTENTION_MAX_KEYS = T.MATMUL_ATTENTION_MAX_KEYS, 10**9
     try:
         for seq_len in args.attention_crossover:
-            cfg = TrainConfig(max_seq_len=seq_len, batch_size=args.batch_size, max_steps=args.steps, packing=True,
-                              precision=args.precision, checkpoint_every=10_000, cpus_per_worker=args.threads)
-            examples = synthetic_examples(args.steps * args.batch_size * (seq_len // 50 + 1))
+            cfg, examples = bench_work(args, seq_len)
             sdpa_rate, ours_rate = attention_ab(cfg, examples, args.threads, args.steps)
             print(f"packed rows of {seq_len:4d} tokens: matmul_attention {ours_rate:6.1f} vs SDPA {sdpa_rate:6.1f} "
                   f"tokens/s, x{ours_rate / sdpa_rate:.3f}", flush=True)
@@ -216,12 +224,7 @@ def main() -> int:
     if args.attention_crossover:
         return attention_crossover(args)
 
-    cfg = TrainConfig(
-        max_seq_len=args.seq_len, batch_size=args.batch_size, max_steps=args.steps, packing=True,
-        precision=args.precision, checkpoint_every=10_000, cpus_per_worker=args.threads,
-    )
-    # Enough examples that no row repeats within the run.
-    examples = synthetic_examples(args.steps * args.batch_size * (args.seq_len // 50 + 1))
+    cfg, examples = bench_work(args, args.seq_len)
     load_before = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     amp = T.autocast_dtype(cfg.precision, torch.device("cpu")) or torch.float32

@@ -295,9 +295,9 @@ MATMUL_ATTENTION_MAX_KEYS = 320
 
 def matmul_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Training attention on CPU as two batched matmuls around an fp32 softmax, the arithmetic
-    of transformers' eager attention. On rows of up to 320 tokens whole LoRA steps run x1.09-1.13
-    the steps with the CPU flash-attention kernel (per batch, bf16; longer rows lose, see
-    MATMUL_ATTENTION_MAX_KEYS). Each key/value head serves its group of
+    of transformers' eager attention. Up to MATMUL_ATTENTION_MAX_KEYS keys, whole LoRA steps run
+    faster than with the CPU flash-attention kernel, and longer rows slower (the figures are at
+    that constant). Each key/value head serves its group of
     query heads as one taller matmul, without repeating the keys. Under bf16 the scores are
     rounded to bf16 before the softmax, as in eager attention (SDPA's kernel keeps them in
     fp32): a first loss moves 0.5-0.8% from fp32's instead of 0.3%, and the adapter gradients
