@@ -282,15 +282,17 @@ def test_tasks_without_input_see_only_context_passages(tmp_path):
         assert "[2] " not in row["prompt"] and ("[1] " in row["prompt"]) == bool(row["passage_ids"])
 
 
-def test_a_passage_goes_to_each_task_type_once_while_others_are_left(tmp_path):
+@pytest.mark.parametrize("top_k", [len(DOCS), 1])
+def test_a_passage_goes_to_each_task_type_once_while_others_are_left(tmp_path, top_k):
     from collections import Counter
 
     from selfspec.stages.generate import load_seed_sets
     from selfspec.stages.generate_instructions import make_prompt_rows
 
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
-    # Dense search ranks every passage, so each prompt has all of them to choose from.
-    config = config_for(tmp_path, corpus, "retrieval.method=dense", "retrieval.passage_as_input=true", f"retrieval.top_k={len(DOCS)}")
+    # Dense search ranks every passage, so each prompt has all of them to choose from: in its
+    # top k, or (top_k=1) deeper in its ranking once the best ones are given.
+    config = config_for(tmp_path, corpus, "retrieval.method=dense", "retrieval.passage_as_input=true", f"retrieval.top_k={top_k}")
     seeds = load_seed_sets(config)[0]
     prompts = make_prompt_rows(seeds.seeds, seeds.domain, seeds.description, 40, 3, 0, 1)
     grounder = PromptGrounder.from_config(config, RunDir(str(tmp_path / "r")), executor="local")

@@ -303,6 +303,11 @@ def render_passage(hit: Hit) -> str:
     return f"{hit['title']}: {text}" if hit["title"] else text
 
 
+# A passage-input row draws from the top_k passages not yet given to its type among this many
+# times top_k hits of its query.
+PASSAGE_SEARCH_DEPTH = 8
+
+
 class PromptGrounder:
     """Puts the top-k passages for each prompt's seeds (or a fixed query) into the prompt."""
 
@@ -331,14 +336,15 @@ class PromptGrounder:
         """Passages met in searches so far that `excluded` kept out."""
         return {i for i, out in self._verdicts.items() if out}
 
-    def allowed(self, hits: list[Hit]) -> list[Hit]:
-        """The top k hits that `excluded` lets through; each verdict is computed once."""
+    def allowed(self, hits: list[Hit], k: int | None = None) -> list[Hit]:
+        """The top `k` (default top_k) hits that `excluded` lets through; each verdict is computed once."""
+        k = k or self.top_k
         if self.excluded is None:
-            return hits[: self.top_k]
+            return hits[:k]
         for hit in hits:
             if hit["id"] not in self._verdicts:
                 self._verdicts[hit["id"]] = self.excluded(hit)
-        return [h for h in hits if not self._verdicts[h["id"]]][: self.top_k]
+        return [h for h in hits if not self._verdicts[h["id"]]][:k]
 
     @classmethod
     def from_config(cls, config: RunConfig, run_dir: RunDir, executor: str | None = None) -> "PromptGrounder":
@@ -368,8 +374,8 @@ class PromptGrounder:
         """Rows with `prompt` rebuilt around their retrieved passages and `passage_ids` set.
 
         With `passage_as_input`, a row of a task type whose seeds take an input gets one
-        retrieved passage (drawn among the top k, preferring one this grounder has not given
-        to that type yet, cut to about twice the seeds' input length) as its input, and the
+        retrieved passage (drawn among the k best that this grounder has not given to that
+        type yet, searching deeper than k for them; cut to about twice the seeds' input length) as its input, and the
         model writes only the instruction for it (and, where the seeds' inputs are labelled
         fields, the field after the passage, such as the question); types in
         `written_input_tasks` (inputs of a form no passage has, such as marked sentences) see
@@ -381,22 +387,31 @@ class PromptGrounder:
         demos = [[by_id[i] for i in row["seed_ids"]] for row in prompts]
         queries = [self.query or seed_query(d) for d in demos]
         unique = sorted(set(queries))
-        # With exclusions, search deeper so that k passages are usually left after them.
+        # With exclusions, search deeper so that k passages are usually left after them. Rows
+        # that take a passage as input draw from a deeper ranking: queries repeat (one per
+        # combination of demos), and their top k soon hold no passage new to a task type.
         depth = self.top_k if self.excluded is None else 3 * self.top_k
-        hits = {q: self.allowed(h) for q, h in zip(unique, self.search(unique, depth))}
+        ranked = dict(zip(unique, self.search(unique, depth * (PASSAGE_SEARCH_DEPTH if self.passage_as_input else 1))))
+        hits = {q: self.allowed(h) for q, h in ranked.items()}
         # Demos shaped like an evaluation task's documents (yes/no demos, PubMedQA abstracts) can
         # lose every hit to the exclusions: search those queries 10x deeper.
         short = [q for q in unique if len(hits[q]) < self.top_k] if self.excluded is not None else []
         for q, h in zip(short, self.search(short, 10 * depth) if short else []):
-            hits[q] = self.allowed(h)
+            ranked[q], hits[q] = h, self.allowed(h)
+        deep = {q: self.allowed(h, PASSAGE_SEARCH_DEPTH * self.top_k) for q, h in ranked.items()} if self.passage_as_input else {}
+
+        def takes_passage(row: dict[str, Any]) -> bool:
+            profile = profiles.get(row.get("task", ""))
+            return bool(self.passage_as_input and profile and profile.input_words and row["task"] not in self.written_input_tasks)
+
         out = []
         for row, row_demos, query in zip(prompts, demos, queries):
             profile = profiles.get(row.get("task", ""))
-            passage_input = profile and profile.input_words and row["task"] not in self.written_input_tasks
-            if self.passage_as_input and passage_input and hits[query]:
-                # A passage not yet given to this task type, when one is left: the same passage
-                # under the same kind of task makes a near-duplicate.
-                fresh = [h for h in hits[query] if (h["id"], row["task"]) not in self.given] or hits[query]
+            if takes_passage(row) and (hits[query] or deep[query]):
+                # The k best passages not yet given to this task type, when any are left: the
+                # same passage under the same kind of task makes a near-duplicate.
+                unused = [h for h in deep[query] if (h["id"], row["task"]) not in self.given]
+                fresh = unused[: self.top_k] or hits[query] or deep[query][: self.top_k]
                 hit = random.Random(row["prompt_id"]).choice(fresh)
                 self.given.add((hit["id"], row["task"]))
                 passage = fit_passage(hit["text"], max(2 * profile.input_words, 40))
