@@ -375,11 +375,12 @@ class PromptGrounder:
 
         With `passage_as_input`, a row of a task type whose seeds take an input gets one
         retrieved passage (drawn among the k best that this grounder has not given to that
-        type yet, searching deeper than k for them; cut to about twice the seeds' input length) as its input, and the
-        model writes only the instruction for it (and, where the seeds' inputs are labelled
-        fields, the field after the passage, such as the question); types in
-        `written_input_tasks` (inputs of a form no passage has, such as marked sentences) see
-        the passages as context instead and the model writes their inputs."""
+        type yet, searching deeper than k for them; cut to about twice the seeds' input
+        length) as its input, and the model writes only the instruction for it (and, where
+        the seeds' inputs are labelled fields, the field after the passage, such as the
+        question); types in `written_input_tasks` (inputs of a form no passage has, such as
+        marked sentences) see the passages as context instead and the model writes their
+        inputs."""
         from selfspec.quality import fit_passage, task_profiles
 
         by_id = {s["id"]: s for s in seeds.seeds}
