@@ -399,20 +399,17 @@ class PromptGrounder:
         short = [q for q in unique if len(hits[q]) < self.top_k] if self.excluded is not None else []
         for q, h in zip(short, self.search(short, 10 * depth) if short else []):
             ranked[q], hits[q] = h, self.allowed(h)
+        # hits[q] is deep[q]'s first top_k.
         deep = {q: self.allowed(h, PASSAGE_SEARCH_DEPTH * self.top_k) for q, h in ranked.items()} if self.passage_as_input else {}
-
-        def takes_passage(row: dict[str, Any]) -> bool:
-            profile = profiles.get(row.get("task", ""))
-            return bool(self.passage_as_input and profile and profile.input_words and row["task"] not in self.written_input_tasks)
-
         out = []
         for row, row_demos, query in zip(prompts, demos, queries):
             profile = profiles.get(row.get("task", ""))
-            if takes_passage(row) and (hits[query] or deep[query]):
+            passage_input = profile and profile.input_words and row["task"] not in self.written_input_tasks
+            if self.passage_as_input and passage_input and hits[query]:
                 # The k best passages not yet given to this task type, when any are left: the
                 # same passage under the same kind of task makes a near-duplicate.
                 unused = [h for h in deep[query] if (h["id"], row["task"]) not in self.given]
-                fresh = unused[: self.top_k] or hits[query] or deep[query][: self.top_k]
+                fresh = unused[: self.top_k] or hits[query]
                 hit = random.Random(row["prompt_id"]).choice(fresh)
                 self.given.add((hit["id"], row["task"]))
                 passage = fit_passage(hit["text"], max(2 * profile.input_words, 40))
