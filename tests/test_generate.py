@@ -73,10 +73,8 @@ def test_response_filters():
 def test_an_answer_that_repeats_a_seed_answer_of_its_type_is_dropped():
     """A pretrained base copies its demos' answers: Gemma 3 270M answered 18 of 81 longer
     biomedical rows with a seed's answer, word for word, on a passage of their own."""
-    from collections import Counter
-
     from selfspec.quality import task_profiles
-    from selfspec.stages.generate import answer_rows
+    from selfspec.stages.generate import Drops, answer_rows
 
     seeds = load_seeds("seeds/biomedical.yaml").seeds
     summary = next(s for s in seeds if s["task"] == "summarization")
@@ -99,22 +97,22 @@ def test_an_answer_that_repeats_a_seed_answer_of_its_type_is_dropped():
         row(2, "summarization", "C9 deficiency is the most common complement deficiency in Japan."),
         row(3, "open_qa", summary["output"]),  # another type's seed answer: not this filter's call
     ]
-    drops: Counter = Counter()
+    drops = Drops()
     examples, _ = answer_rows(answered, task_profiles(seeds), gen, drops, seed_answers)
     assert [e["id"] for e in examples] == ["r2", "r3"]
     assert drops == {"copied_seed_answer": 2}
-    assert answer_rows(answered, task_profiles(seeds), gen, Counter())[0][0]["id"] == "r0"  # no seed answers given
+    assert drops.by_task == {"summarization": {"copied_seed_answer": 2}}
+    assert answer_rows(answered, task_profiles(seeds), gen, Drops())[0][0]["id"] == "r0"  # no seed answers given
 
 
 def test_a_short_figure_copied_from_a_demo_is_dropped_where_its_input_lacks_it():
     """A figure that is a seed answer word for word and appears nowhere in the row's input was
     read off a demo; the same figure in the row's own input, and short words, stay."""
-    from collections import Counter
 
     from selfspec.dedup import rouge_tokens
     from selfspec.quality import task_profiles
     from selfspec.seeds import load_seeds
-    from selfspec.stages.generate import answer_rows
+    from selfspec.stages.generate import Drops, answer_rows
 
     seeds = load_seeds("seeds/finance.yaml").seeds
     seed_answers: dict[str, list[list[str]]] = {}
@@ -137,17 +135,16 @@ def test_a_short_figure_copied_from_a_demo_is_dropped_where_its_input_lacks_it()
         row(3, "Unocal"),  # a short name: never judged a copy
         row(4, copied, task="open_qa"),  # not a seed answer of this type
     ]
-    drops: Counter = Counter()
+    drops = Drops()
     examples, _ = answer_rows(answered, task_profiles(seeds), load_config("default").generate, drops, seed_answers)
     assert [e["id"] for e in examples] == ["r1", "r2", "r3", "r4"]
     assert drops == {"copied_seed_answer": 1}
 
 
 def test_a_task_without_input_is_dropped_where_every_seed_of_its_type_has_one():
-    from collections import Counter
 
     from selfspec.quality import task_profiles
-    from selfspec.stages.generate import parse_round
+    from selfspec.stages.generate import Drops, parse_round
 
     seeds = load_seeds("seeds/biomedical.yaml").seeds
     profiles = task_profiles(seeds)
@@ -163,11 +160,12 @@ def test_a_task_without_input_is_dropped_where_every_seed_of_its_type_has_one():
         raw("open_qa", " Which enzyme does aspirin inhibit irreversibly in platelets?\nOutput: x"),
     ]
     gen = load_config("default").generate
-    drops: Counter = Counter()
+    drops = Drops()
     items = parse_round(rows, gen, drops, profiles)
     assert [(i["row"]["task"], i["input"]) for i in items] == [("chemical_protein_relation", marked), ("open_qa", "")]
     assert drops == {"missing_input": 1}
-    assert len(parse_round(rows, gen, Counter())) == 3  # no profiles: no type to compare with
+    assert drops.by_task == {"chemical_protein_relation": {"missing_input": 1}}
+    assert len(parse_round(rows, gen, Drops())) == 3  # no profiles: no type to compare with
 
 
 def test_seed_inputs_in_labelled_fields_are_known_and_their_open_field_is_parsed():
@@ -280,6 +278,8 @@ def assert_no_near_duplicates(rows):
 
 
 def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_local):
+    from collections import Counter
+
     from selfspec.quality import majority_seed_label
     from selfspec.stages.generate import format_summary, run_generate
 
@@ -297,6 +297,10 @@ def test_generation_on_ray_data_writes_examples_with_provenance(tmp_path, ray_lo
     for stage in ("prompts", "kept_instructions", "examples"):
         assert sum(v[stage] for v in by_task.values()) == counts[stage]
     assert "yield by task type" in format_summary(summary) or len(by_task) == 1
+    # Drops per task type add up to the drops by reason of both filters.
+    reasons = Counter(summary["drops"]["instruction"]) + Counter(summary["drops"]["response"])
+    per_type = sum((Counter(r) for r in summary["drops_by_task"].values()), Counter())
+    assert per_type == reasons and set(summary["drops_by_task"]) <= set(by_task)
     alpaca = [json.loads(line) for line in (tmp_path / "gen" / "data" / "alpaca.jsonl").read_text().splitlines()]
     chat = [json.loads(line) for line in (tmp_path / "gen" / "data" / "chat.jsonl").read_text().splitlines()]
     assert [a["instruction"] for a in alpaca] == [r["instruction"] for r in rows]
@@ -408,6 +412,24 @@ def test_first_round_is_sized_by_the_expected_yield_then_by_the_measured_one():
     half = load_config("default", ["generate.expected_yield=0.4", "generate.first_round_share=0.5"]).generate
     assert prompts_for_round(half, 1000, []) == 1375  # 500 / 0.4 * 1.1
     assert prompts_for_round(half, 10, shards) == 44  # later rounds: the measured yield, as before
+
+
+def test_a_round_weighted_toward_low_yield_types_is_sized_by_their_own_yields():
+    """Deficit types get most of a later round's prompts, and they are the ones the model
+    completes least: the pooled yield would ask too few prompts and force another round."""
+    from selfspec.stages.generate import prompts_for_round
+
+    gen = load_config("default").generate
+    shards = [{
+        "counts": {"prompts": 200, "examples": 100},
+        "yield_by_task": {"easy": {"prompts": 100, "examples": 80}, "hard": {"prompts": 100, "examples": 20}},
+    }]
+    assert prompts_for_round(gen, 20, shards) == 44  # pooled: 20 / 0.5 * 1.1
+    assert prompts_for_round(gen, 20, shards, weights={"easy": 0.5, "hard": 0.5}) == 44  # the same mix
+    assert prompts_for_round(gen, 20, shards, weights={"easy": 0.25, "hard": 0.75}) == 63  # 20 / 0.35 * 1.1
+    # Rows later removed scale every type's yield; a type never prompted counts at the pooled yield.
+    assert prompts_for_round(gen, 20, shards, made=50, weights={"easy": 0.25, "hard": 0.75}) == 126  # / 0.175
+    assert prompts_for_round(gen, 20, shards, weights={"easy": 0.5, "new": 0.5}) == 34  # 20 / 0.65 * 1.1
 
 
 def test_tasks_over_given_passages_collide_only_on_the_same_passage():

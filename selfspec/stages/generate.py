@@ -340,8 +340,22 @@ def _map(rows, fn, config: RunConfig, executor: str, adapters, desc: str):
 
 
 # -- one round ---------------------------------------------------------------------
+class Drops(Counter):
+    """Dropped rows by reason, and the same per task type (`by_task`), to see which filter
+    takes a type's rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_task: dict[str, Counter[str]] = {}
+
+    def add(self, reason: str, task: str, n: int = 1) -> None:
+        if n:
+            self[reason] += n
+            self.by_task.setdefault(task, Counter())[reason] += n
+
+
 def parse_round(
-    raw: list[dict[str, Any]], gen, drops: Counter, profiles: dict[str, TaskProfile] | None = None
+    raw: list[dict[str, Any]], gen, drops: Drops, profiles: dict[str, TaskProfile] | None = None
 ) -> list[dict[str, Any]]:
     """Parsed, filtered (instruction, input) items of a round's completions, with the row
     they came from; every drop is counted by reason in `drops`. A task without an input is
@@ -364,7 +378,7 @@ def parse_round(
             if reason is None and not item["input"] and profile is not None and profile.input_required:
                 reason = "missing_input"
             if reason:
-                drops[reason] += 1
+                drops.add(reason, row["task"])
             else:
                 items.append({**item, "row": row})
     return items
@@ -374,7 +388,7 @@ def answer_rows(
     answered: list[dict[str, Any]],
     profiles: dict[str, TaskProfile],
     gen,
-    drops: Counter,
+    drops: Drops,
     seed_answers: dict[str, list[list[str]]] | None = None,
 ) -> tuple[list[Example], dict[str, int]]:
     """Examples from answered rows, and counts of the list answers repaired (cut out of a
@@ -389,7 +403,7 @@ def answer_rows(
         if profile is not None:
             label, share = row_label(row, profile, gen)
             if label is None:
-                drops["no_majority" if share else "off_label"] += 1
+                drops.add("no_majority" if share else "off_label", row["task"])
                 continue
             row = {**row, "output": label, "label": label}
         else:
@@ -402,7 +416,7 @@ def answer_rows(
                 if row["input"] and row["finish_reason"] != "length":
                     grounded, removed = ground_list_items(row["output"], row["input"])
                     if not grounded:
-                        drops["ungrounded_items"] += 1
+                        drops.add("ungrounded_items", row["task"])
                         continue
                     row = {**row, "output": grounded}
                     ungrounded += removed
@@ -415,7 +429,7 @@ def answer_rows(
             ):
                 reason = "copied_seed_answer"
             if reason:
-                drops[reason] += 1
+                drops.add(reason, row["task"])
                 continue
             row = {**row, "label": ""}
         examples.append(Example(**{k: row[k] for k in example_schema().names}))
@@ -452,14 +466,15 @@ def run_round(
     rows, sampling = instruction_rows(prompts, gen)
     raw = _map(rows, functools.partial(write_instructions, params=sampling, adapter=adapter), config, executor, adapters, f"round {round}: instructions")
     raw.sort(key=lambda r: r["prompt_id"])
-    drops: Counter[str] = Counter()
+    drops = Drops()
     items = parse_round(raw, gen, drops, profiles)
     raw_count = len(items) + sum(drops.values())
     if relevance is not None and items:
         scores = relevance.scores([task_text(i["instruction"], i["input"]) for i in items])
-        on_domain = [i for i, score in zip(items, scores) if score >= relevance.threshold]
-        drops["off_domain"] += len(items) - len(on_domain)
-        items = on_domain
+        for item, score in zip(items, scores):
+            if score < relevance.threshold:
+                drops.add("off_domain", item["row"]["task"])
+        items = [i for i, score in zip(items, scores) if score >= relevance.threshold]
     # A free task is new when its instruction is; a task over a given passage, when no task
     # over the same passage has a similar instruction.
     verdicts: list[bool] = [False] * len(items)
@@ -489,7 +504,9 @@ def run_round(
         for item, keep in zip(items, verdicts)
         if keep
     ]
-    drops["near_duplicate"] += len(items) - len(kept)
+    for item, keep in zip(items, verdicts):
+        if not keep:
+            drops.add("near_duplicate", item["row"]["task"])
     instruction_tokens = sum(r["completion_tokens"] for r in raw)
 
     to_answer = response_rows(kept, seeds.seeds, gen.response_demos)
@@ -504,7 +521,7 @@ def run_round(
         {k: v for k, v in r.items() if k != "answer_step"}
         for r in _map(to_model, functools.partial(answer_batch, steps=steps), config, executor, adapters, f"round {round}: answers")
     ]
-    response_drops: Counter[str] = Counter()
+    response_drops = Drops()
     seed_answers = {
         task: [rouge_tokens(s["output"]) for s in members] for task, members in seeds_by_task(seeds.seeds).items()
     }
@@ -523,6 +540,10 @@ def run_round(
         },
         "drops": {"instruction": dict(drops), "response": dict(response_drops)},
         "yield_by_task": yield_by_task(prompts, kept, examples),
+        "drops_by_task": {
+            task: dict(drops.by_task.get(task, Counter()) + response_drops.by_task.get(task, Counter()))
+            for task in sorted(set(drops.by_task) | set(response_drops.by_task))
+        },
         "tokens": instruction_tokens + sum(r["completion_tokens"] for r in answered),
         "seconds": time.perf_counter() - started,
         "node_ids": nodes,
@@ -539,17 +560,35 @@ def yield_by_task(prompts, kept, examples) -> dict[str, dict[str, int]]:
     return table
 
 
-def prompts_for_round(gen, remaining: int, shards: list[dict[str, Any]], made: int | None = None) -> int:
+def prompts_for_round(
+    gen, remaining: int, shards: list[dict[str, Any]], made: int | None = None, weights: dict[str, float] | None = None
+) -> int:
     """Enough prompts for the remaining examples at the yield seen so far; before any round,
     for `first_round_share` of them at `expected_yield`. `made`: the examples that count
     toward the target (after contamination removal and label balance); default all the
-    shards' examples."""
+    shards' examples. `weights`: the round's task-type mix; each type's own yield so far then
+    counts at its weight, as the types short of their share are often the ones the model
+    completes least (a type not prompted yet counts at the pooled yield)."""
     if gen.prompts_per_round:
         return gen.prompts_per_round
     prompts = sum(s["counts"]["prompts"] for s in shards)
-    made = sum(s["counts"]["examples"] for s in shards) if made is None else made
+    examples = sum(s["counts"]["examples"] for s in shards)
+    made = examples if made is None else made
     if prompts:
-        expected_yield = max(made / prompts, 0.1)
+        expected_yield = made / prompts
+        by_task: dict[str, Counter[str]] = {}
+        for shard in shards:
+            for task, stages in shard.get("yield_by_task", {}).items():
+                by_task.setdefault(task, Counter()).update(stages)
+        if weights and examples and sum(weights.values()) > 0:
+            kept_share = made / examples  # what contamination removal and the balance leave
+            per_type = {
+                t: by_task[t]["examples"] / by_task[t]["prompts"] * kept_share
+                if by_task.get(t, {}).get("prompts") else expected_yield
+                for t in weights
+            }
+            expected_yield = sum(w * per_type[t] for t, w in weights.items()) / sum(weights.values())
+        expected_yield = max(expected_yield, 0.1)
     else:
         expected_yield, remaining = gen.expected_yield, math.ceil(remaining * gen.first_round_share)
     need = math.ceil(remaining / expected_yield * 1.1)
@@ -640,9 +679,9 @@ def run_generate(
         if round > gen.max_rounds:
             print(f"stopped after generate.max_rounds={gen.max_rounds} rounds with {counted}/{target} examples")
             break
-        num_prompts = prompts_for_round(gen, target - counted, manifest["shards"], counted)
         weights = round_task_weights(usable(done), target, profiles) if done else {t: p.share for t, p in profiles.items()}
         weights = {t: 0.0 if t in dropped_types else w for t, w in weights.items()}
+        num_prompts = prompts_for_round(gen, target - counted, manifest["shards"], counted, weights)
         result = run_round(
             config, seeds, round, num_prompts, dedup, grounded_dedup, executor, config_hash, retriever, relevance, weights,
             fixed_labels={t: majority_seed_label(profiles[t]) for t in relabelled_types},
@@ -721,10 +760,13 @@ def summarize(manifest: dict[str, Any], final: list[Example], resumed: int, cont
     tokens = seconds = 0.0
     nodes: set[str] = set()
     by_task: dict[str, Counter[str]] = {}
+    drops_by_task: dict[str, Counter[str]] = {}
     for shard in manifest["shards"]:
         counts.update(shard["counts"])
         for task, stages in shard.get("yield_by_task", {}).items():
             by_task.setdefault(task, Counter()).update(stages)
+        for task, reasons in shard.get("drops_by_task", {}).items():
+            drops_by_task.setdefault(task, Counter()).update(reasons)
         for stage in drops:
             drops[stage].update(shard["drops"][stage])
         tokens += shard["tokens"]
@@ -734,6 +776,7 @@ def summarize(manifest: dict[str, Any], final: list[Example], resumed: int, cont
         "counts": {**counts, "final_examples": len(final)},
         "drops": {k: dict(v) for k, v in drops.items()},
         "yield_by_task": {task: dict(stages) for task, stages in by_task.items()},
+        "drops_by_task": {task: dict(reasons.most_common()) for task, reasons in sorted(drops_by_task.items())},
         "rounds": len(manifest["shards"]),
         "rounds_resumed": resumed,
         "tokens": int(tokens),
@@ -760,6 +803,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             "yield by task type (prompts -> instructions -> examples): "
             + ", ".join(f"{t} {v['prompts']} -> {v['kept_instructions']} -> {v['examples']}" for t, v in sorted(by_task.items()))
+        )
+    drops_by_task = summary.get("drops_by_task") or {}
+    if len(drops_by_task) > 1:
+        lines.append(
+            "drops by task type (top 3 reasons): "
+            + "; ".join(f"{t} " + ", ".join(f"{k} {v}" for k, v in list(reasons.items())[:3])
+                        for t, reasons in drops_by_task.items())
         )
     if summary.get("contamination"):
         c = summary["contamination"]
