@@ -491,6 +491,61 @@ def test_long_prompts_prefill_row_by_row_with_the_outputs_of_the_padded_batch(tm
             assert [t.logprob for t in row[0].logprobs] == pytest.approx([t.logprob for t in reference[0].logprobs], abs=1e-4)
 
 
+def test_generating_a_prompt_just_scored_reuses_its_prefill(tmp_path):
+    """loglikelihood keeps each context's KV cache and last logits; generating from the same
+    prompt under the same adapter takes them instead of prefilling again (an evaluation that
+    scores a task both ways), with the greedy texts and logprobs of a fresh prefill (fp32).
+    Under another adapter the prompt prefills as before; loading an adapter empties the cache."""
+    from selfspec.config import ModelConfig
+    from selfspec.models import load_backend
+
+    backend = load_backend(ModelConfig(dtype="float32", backend="transformers", max_batch_size=8))
+    backend.load_adapter("bio", str(write_random_lora_adapter(backend.model.config, tmp_path / "bio", seed=1)))
+    prompts = [chat(q) for q in QUESTIONS[:3]]
+    adapters = ["bio", None, "bio"]
+    params = SamplingParams(max_new_tokens=10, logprobs=1)
+    prefill_widths: list[int] = []
+    backend.model.register_forward_pre_hook(
+        lambda module, args, kwargs: prefill_widths.append(kwargs["input_ids"].shape[1]) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    fresh = backend.generate(prompts, params, adapters)
+    assert prefill_widths and not backend.prompt_cache.entries  # generation alone keeps nothing
+    backend.loglikelihood([(p, " Yes") for p in prompts], adapters=adapters)
+    assert len(backend.prompt_cache.entries) == 3
+    prefill_widths.clear()
+    reused = backend.generate(prompts, params, adapters)
+    assert prefill_widths == [] and not backend.prompt_cache.entries  # each entry used once
+    assert [c[0].text for c in reused] == [c[0].text for c in fresh]
+    for row, reference in zip(reused, fresh):
+        assert [t.logprob for t in row[0].logprobs] == pytest.approx([t.logprob for t in reference[0].logprobs], abs=1e-4)
+    backend.loglikelihood([(p, " Yes") for p in prompts], adapters="bio")
+    prefill_widths.clear()
+    backend.generate(prompts[1:2], params, adapters=[None])  # scored under "bio" only
+    assert len(prefill_widths) == 1 and len(backend.prompt_cache.entries) == 3
+    backend.load_adapter("fin", str(write_random_lora_adapter(backend.model.config, tmp_path / "fin", seed=2)))
+    assert not backend.prompt_cache.entries
+
+
+def test_prompt_cache_evicts_the_oldest_past_its_budget():
+    import torch
+
+    from selfspec.models.hf_backend import PromptCache
+
+    def entry() -> tuple[list, torch.Tensor]:
+        return [(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8))], torch.zeros(1, 1, 16)  # 320 bytes
+
+    cache = PromptCache(max_bytes=700)
+    for n in range(3):
+        cache.put((None, (n,)), *entry())
+    assert list(cache.entries) == [(None, (1,)), (None, (2,))] and cache.bytes == 640
+    assert cache.take((None, (1,))) is not None and cache.take((None, (1,))) is None and cache.bytes == 320
+    PromptCache(max_bytes=0).put((None, (0,)), *entry())  # a zero budget keeps nothing
+    small = PromptCache(max_bytes=100)
+    small.put(("bio", (0,)), *entry())
+    assert not small.entries and small.bytes == 0
+
+
 def test_prompts_start_with_bos_where_the_tokenizer_puts_one(fp32_backend):
     """Gemma and Llama need their BOS token; SmolLM2's tokenizer adds none. Inference,
     log-likelihood and training tokenize prompts alike, and a text that already starts with

@@ -18,6 +18,8 @@ so it prefills each row whole (no shared prefix) in batches bounded by `PROMPT_L
 Long prompts prefill one row at a time (`ROW_PREFILL_MIN_TOKENS`): a row alone needs no padding
 mask, so attention takes SDPA's causal path, which skips the masked half that a padded batch's
 explicit mask makes it compute (`benchmarks/prefill_rows.py`); its cache joins the batch's.
+Log-likelihood prefills its contexts the same way and keeps their caches (`PromptCache`), so
+generating from a prompt just scored (an evaluation's two scorings) skips its prefill.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import functools
 import os
 import warnings
 from contextlib import contextmanager
+from collections import OrderedDict
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -270,6 +273,9 @@ PROMPT_LOGITS_BUDGET = 1 << 26
 # Prompts at least this long prefill row by row (causal attention, no padding mask); at
 # this length a row alone fills the matmuls, and attention is a large share of the prefill.
 ROW_PREFILL_MIN_TOKENS = 512
+# KV caches of scored prompts kept for their generation (`PromptCache`): a 400-token prompt
+# of SmolLM2-135M takes about 9 MB in bf16.
+PROMPT_CACHE_BYTES = 512 << 20
 
 # One position's (token id, logprob, top-k ids, top-k logprobs); TokenLogprob once texts are decoded.
 RawLogprob = tuple[int, float | None, list[int], list[float]]
@@ -283,6 +289,53 @@ class Decoded:
     ids: list[list[int]]
     logprobs: list[list[RawLogprob]] | None
     prompt_logprobs: list[list[RawLogprob]] | None
+
+
+# A prompt under an adapter, and its prefill: per-layer (keys, values) and the last logits.
+PromptKey = tuple[str | None, tuple[int, ...]]
+PrefilledPrompt = tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+
+
+class PromptCache:
+    """Prompts that `loglikelihood` prefilled (each alone, under one adapter): their per-layer
+    KV cache and last logits, oldest evicted past `max_bytes`. A later generation of the same
+    prompt under the same adapter takes its entry instead of prefilling it again, as an
+    evaluation that scores a task both ways asks for (vLLM's prefix caching does the same
+    for whole prompts)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[PromptKey, PrefilledPrompt] = OrderedDict()
+
+    @staticmethod
+    def size(entry: PrefilledPrompt) -> int:
+        layers, logits = entry
+        return logits.nbytes + sum(k.nbytes + v.nbytes for k, v in layers)
+
+    def put(self, key: PromptKey, layers: list[tuple[torch.Tensor, torch.Tensor]], logits: torch.Tensor) -> None:
+        entry = (layers, logits)
+        if self.max_bytes <= 0 or self.size(entry) > self.max_bytes:
+            return
+        if key in self.entries:
+            self.bytes -= self.size(self.entries.pop(key))
+        self.entries[key] = entry
+        self.bytes += self.size(entry)
+        while self.bytes > self.max_bytes:
+            self.bytes -= self.size(self.entries.popitem(last=False)[1])
+
+    def take(self, key: PromptKey) -> PrefilledPrompt | None:
+        """The entry of `key`, removed (its one expected use), or None."""
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= self.size(entry)
+        return entry
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[RawLogprob]:
@@ -411,6 +464,7 @@ class TransformersBackend(ModelBackend):
     merge_single_adapter: bool | str = "auto"
     _peft: bool = field(default=False, repr=False)
     _single: FoldedAdapter | LowRankAdapter | None = field(default=None, repr=False)
+    prompt_cache: PromptCache = field(default_factory=lambda: PromptCache(PROMPT_CACHE_BYTES), repr=False)
 
     @classmethod
     def from_config(cls, config) -> "TransformersBackend":
@@ -448,6 +502,7 @@ class TransformersBackend(ModelBackend):
 
         if name in self.adapter_paths:
             return
+        self.prompt_cache.clear()  # entries are keyed by adapter name
         if not self._peft:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
             self._peft = True
@@ -458,6 +513,7 @@ class TransformersBackend(ModelBackend):
 
     def unload_adapter(self, name: str) -> None:
         if name in self.adapter_paths:
+            self.prompt_cache.clear()
             if self._single is not None and self._single.name == name:
                 self._single = None
             with warnings.catch_warnings():  # PEFT warns when the adapter it calls active goes
@@ -611,14 +667,20 @@ class TransformersBackend(ModelBackend):
 
     def _decode(self, batch: dict[str, torch.Tensor], names: list[str | None], params: SamplingParams) -> Decoded:
         with self._weights_for(names) as peft_names:
-            return self._decode_rows(batch, peft_names, params)
+            return self._decode_rows(batch, peft_names, params, names)
 
-    def _decode_rows(self, batch: dict[str, torch.Tensor], names: list[str | None] | None, params: SamplingParams) -> Decoded:
+    def _decode_rows(
+        self,
+        batch: dict[str, torch.Tensor],
+        names: list[str | None] | None,
+        params: SamplingParams,
+        adapters: list[str | None] | None = None,
+    ) -> Decoded:
         """Generated token ids per row, ending with eos, with the token that completes a stop
         string, or at max_new_tokens; their logprobs and the prompt's when `params` asks.
         Every `decode_segment` tokens, rows that ended leave the batch and the KV cache (a third
         of the slots at batch 128 on short answers). `names`: the adapter per row for PEFT, None
-        for a plain forward."""
+        for a plain forward; `adapters`: the adapter per row (keys of `prompt_cache`)."""
         mask = batch["attention_mask"]
         inputs = batch["input_ids"]
         generated: list[list[int]] = [[] for _ in inputs]
@@ -643,8 +705,9 @@ class TransformersBackend(ModelBackend):
                 repeats = torch.tensor([unique[key] for key in keys], device=inputs.device)
                 inputs, mask = inputs[live], mask[live]
         first_logits = None
-        if self._prefills_by_row(inputs, mask, cache, scored):
-            first_logits = self._prefill_rows(inputs, mask, cache, names, live)
+        cached = [] if scored or adapters is None else self._cached_rows(inputs, mask, [adapters[r] for r in live])
+        if any(cached) or self._prefills_by_row(inputs, mask, cache, scored):
+            first_logits = self._prefill_rows(inputs, mask, cache, names, live, cached)
         # The shared prefix is prefilled without logits, so prompt logprobs prefill every token per row.
         elif len(inputs) > 1 and one_model and not scored and prefix_fits(cache, inputs.shape[1] + params.max_new_tokens):
             inputs, mask = self._prefill_shared_prefix(inputs, mask, cache, names)
@@ -709,29 +772,60 @@ class TransformersBackend(ModelBackend):
             and all(type(layer) in (DynamicLayer, TailedLayer) for layer in cache.layers)
         )
 
+    def _cached_rows(self, inputs: torch.Tensor, mask: torch.Tensor, adapters: list[str | None]) -> list[PrefilledPrompt | None]:
+        """Per row of a left-padded batch, its `prompt_cache` entry (taken) or None; none
+        where the model's cache has layers other than plain full attention."""
+        if not self.prompt_cache.entries or not self._plain_layers():
+            return []
+        width = inputs.shape[1]
+        keys = [(a, tuple(inputs[r, width - int(n) :].tolist())) for r, (a, n) in enumerate(zip(adapters, mask.sum(dim=1)))]
+        return [self.prompt_cache.take(k) if k in self.prompt_cache else None for k in keys]
+
+    def _plain_layers(self) -> bool:
+        """Whether every layer of the model's KV cache is plain full attention."""
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
+
     def _prefill_rows(
-        self, inputs: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, names: list[str | None] | None, live: list[int]
+        self,
+        inputs: torch.Tensor,
+        mask: torch.Tensor,
+        cache: DynamicCache,
+        names: list[str | None] | None,
+        live: list[int],
+        cached: list[PrefilledPrompt | None] | None = None,
+        keep: list[str | None] | None = None,
     ) -> torch.Tensor:
         """Prefill each row of a left-padded batch alone, without padding (so without a mask:
         SDPA's causal path), then put the rows' KV caches into `cache`, left-padded with
-        zeros that the batch's mask hides. -> each row's last logits, (rows, 1, vocabulary)."""
+        zeros that the batch's mask hides. A row with a `cached` entry (`PromptCache`) is
+        not prefilled; with `keep` (the adapter per row), each row's cache goes into
+        `prompt_cache`. -> each row's last logits, (rows, 1, vocabulary)."""
         width = inputs.shape[1]
         lengths = mask.sum(dim=1).tolist()
-        logits, row_caches = [], []
+        logits, row_layers = [], []
         for r, length in enumerate(lengths):
+            if cached and cached[r] is not None:
+                layers, last = cached[r]
+                logits.append(last)
+                row_layers.append(layers)
+                continue
             row_cache = decode_cache(self.model.config)
+            row_ids = inputs[r : r + 1, width - length :]
             out = self.model(
-                input_ids=inputs[r : r + 1, width - length :],
+                input_ids=row_ids,
                 position_ids=torch.arange(length, device=inputs.device)[None],
                 past_key_values=row_cache,
                 use_cache=True,
                 logits_to_keep=1,
                 **self._adapter_kwargs(names, [live[r]]),
             )
+            layers = [(layer.keys, layer.values) for layer in row_cache.layers]
             logits.append(out.logits)
-            row_caches.append(row_cache)
+            row_layers.append(layers)
+            if keep is not None:
+                self.prompt_cache.put((keep[r], tuple(row_ids[0].tolist())), layers, out.logits)
         for index, layer in enumerate(cache.layers):
-            parts = [(c.layers[index].keys, c.layers[index].values) for c in row_caches]
+            parts = [row[index] for row in row_layers]
             keys, values = (
                 torch.cat([torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0)) for t in column])
                 for column in zip(*parts)
@@ -822,33 +916,44 @@ class TransformersBackend(ModelBackend):
     ) -> list[list[float]]:
         """Score continuations[b][j] after contexts[b]; -> the same nesting of log-probabilities."""
         with self._weights_for(names) as peft_names:
-            return self._score_rows(contexts, continuations, peft_names)
+            return self._score_rows(contexts, continuations, peft_names, names)
 
     def _score_rows(
-        self, contexts: list[list[int]], continuations: list[list[list[int]]], names: list[str | None] | None
+        self,
+        contexts: list[list[int]],
+        continuations: list[list[list[int]]],
+        names: list[str | None] | None,
+        adapters: list[str | None] | None = None,
     ) -> list[list[float]]:
+        """`names`: the adapter per context for PEFT, None for a plain forward; `adapters`: the
+        adapter per context, given to keep each context's KV cache in `prompt_cache` (a
+        model of plain full-attention layers only), which prefills the contexts row by row."""
         width = max(map(len, contexts))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=self.device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=self.device)
         # Left padding: positions must count real tokens only.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **self._adapter_kwargs(names),
-        )
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        cache = DynamicCache(config=self.model.config)
+        if adapters is not None and self.prompt_cache.max_bytes > 0 and self._plain_layers():
+            last = self._prefill_rows(input_ids, mask, cache, names, list(range(len(contexts))), keep=adapters)
+        else:
+            last = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **self._adapter_kwargs(names),
+            ).logits
+        first = torch.log_softmax(last[:, -1].float(), dim=-1)
         rows = [(b, cont) for b, conts in enumerate(continuations) for cont in conts]
         scores = [float(first[b, cont[0]]) for b, cont in rows]
         longest = max(len(cont) for _, cont in rows)
         if longest > 1:
             # Every continuation after its context's cache: tokens 1.. are scored here.
             index = torch.tensor([b for b, _ in rows], device=self.device)
-            cache = out.past_key_values
             cache.batch_select_indices(index)
             steps = longest - 1
             cont_ids = torch.tensor([cont[:-1] + [pad] * (longest - len(cont)) for _, cont in rows], device=self.device)

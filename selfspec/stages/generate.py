@@ -348,10 +348,9 @@ class Drops(Counter):
         super().__init__()
         self.by_task: dict[str, Counter[str]] = {}
 
-    def add(self, reason: str, task: str, n: int = 1) -> None:
-        if n:
-            self[reason] += n
-            self.by_task.setdefault(task, Counter())[reason] += n
+    def add(self, reason: str, task: str) -> None:
+        self[reason] += 1
+        self.by_task.setdefault(task, Counter())[reason] += 1
 
 
 def parse_round(
