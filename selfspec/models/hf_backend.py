@@ -928,12 +928,8 @@ class TransformersBackend(ModelBackend):
         """`names`: the adapter per context for PEFT, None for a plain forward; `adapters`: the
         adapter per context, given to keep each context's KV cache in `prompt_cache` (a
         model of plain full-attention layers only), which prefills the contexts row by row."""
-        width = max(map(len, contexts))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=self.device)
-        # Left padding: positions must count real tokens only.
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        batch = self._pad(contexts)
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
         cache = DynamicCache(config=self.model.config)
         if adapters is not None and self.prompt_cache.max_bytes > 0 and self._plain_layers():
             last = self._prefill_rows(input_ids, mask, cache, names, list(range(len(contexts))), keep=adapters)
@@ -941,7 +937,7 @@ class TransformersBackend(ModelBackend):
             last = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,
-                position_ids=positions,
+                position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),  # left padding: count real tokens only
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
@@ -956,6 +952,7 @@ class TransformersBackend(ModelBackend):
             index = torch.tensor([b for b, _ in rows], device=self.device)
             cache.batch_select_indices(index)
             steps = longest - 1
+            pad = self.tokenizer.pad_token_id
             cont_ids = torch.tensor([cont[:-1] + [pad] * (longest - len(cont)) for _, cont in rows], device=self.device)
             cont_mask = torch.tensor(
                 [[1] * (len(cont) - 1) + [0] * (longest - len(cont)) for _, cont in rows], device=self.device
