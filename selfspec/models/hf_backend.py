@@ -215,6 +215,11 @@ def decode_cache(config: Any) -> DynamicCache:
     return cache
 
 
+def full_attention(cache: DynamicCache) -> bool:
+    """Whether every layer of `cache` is plain full attention (no sliding window or other kind)."""
+    return all(type(layer) in (DynamicLayer, TailedLayer) for layer in cache.layers)
+
+
 def prefix_fits(cache: DynamicCache, length: int) -> bool:
     """Whether a shared prefix may be cached once and followed by each row's padding: always
     under full attention; under a sliding window (which counts cache slots, padding
@@ -329,9 +334,6 @@ class PromptCache:
         if entry is not None:
             self.bytes -= self.size(entry)
         return entry
-
-    def __contains__(self, key) -> bool:
-        return key in self.entries
 
     def clear(self) -> None:
         self.entries.clear()
@@ -769,21 +771,17 @@ class TransformersBackend(ModelBackend):
             and len(inputs) > 1
             and int(lengths.max()) >= ROW_PREFILL_MIN_TOKENS
             and bool((lengths != lengths[0]).any())
-            and all(type(layer) in (DynamicLayer, TailedLayer) for layer in cache.layers)
+            and full_attention(cache)
         )
 
     def _cached_rows(self, inputs: torch.Tensor, mask: torch.Tensor, adapters: list[str | None]) -> list[PrefilledPrompt | None]:
-        """Per row of a left-padded batch, its `prompt_cache` entry (taken) or None; none
-        where the model's cache has layers other than plain full attention."""
-        if not self.prompt_cache.entries or not self._plain_layers():
+        """Per row of a left-padded batch, its `prompt_cache` entry (taken) or None. Only a
+        model of full-attention layers has entries (`_score_rows` keeps them)."""
+        if not self.prompt_cache.entries:
             return []
         width = inputs.shape[1]
         keys = [(a, tuple(inputs[r, width - int(n) :].tolist())) for r, (a, n) in enumerate(zip(adapters, mask.sum(dim=1)))]
-        return [self.prompt_cache.take(k) if k in self.prompt_cache else None for k in keys]
-
-    def _plain_layers(self) -> bool:
-        """Whether every layer of the model's KV cache is plain full attention."""
-        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
+        return [self.prompt_cache.take(k) for k in keys]
 
     def _prefill_rows(
         self,
@@ -931,7 +929,7 @@ class TransformersBackend(ModelBackend):
         batch = self._pad(contexts)
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         cache = DynamicCache(config=self.model.config)
-        if adapters is not None and self.prompt_cache.max_bytes > 0 and self._plain_layers():
+        if adapters is not None and self.prompt_cache.max_bytes > 0 and full_attention(cache):
             last = self._prefill_rows(input_ids, mask, cache, names, list(range(len(contexts))), keep=adapters)
         else:
             last = self.model(

@@ -470,10 +470,13 @@ def run_round(
     raw_count = len(items) + sum(drops.values())
     if relevance is not None and items:
         scores = relevance.scores([task_text(i["instruction"], i["input"]) for i in items])
+        on_domain = []
         for item, score in zip(items, scores):
-            if score < relevance.threshold:
+            if score >= relevance.threshold:
+                on_domain.append(item)
+            else:
                 drops.add("off_domain", item["row"]["task"])
-        items = [i for i, score in zip(items, scores) if score >= relevance.threshold]
+        items = on_domain
     # A free task is new when its instruction is; a task over a given passage, when no task
     # over the same passage has a similar instruction.
     verdicts: list[bool] = [False] * len(items)
@@ -559,6 +562,15 @@ def yield_by_task(prompts, kept, examples) -> dict[str, dict[str, int]]:
     return table
 
 
+def summed_by_task(shards: list[dict[str, Any]], field: str) -> dict[str, Counter[str]]:
+    """Task type -> the counts the shards hold under `field` (yield_by_task, drops_by_task), summed."""
+    table: dict[str, Counter[str]] = {}
+    for shard in shards:
+        for task, counts in shard.get(field, {}).items():
+            table.setdefault(task, Counter()).update(counts)
+    return table
+
+
 def prompts_for_round(
     gen, remaining: int, shards: list[dict[str, Any]], made: int | None = None, weights: dict[str, float] | None = None
 ) -> int:
@@ -575,10 +587,7 @@ def prompts_for_round(
     made = examples if made is None else made
     if prompts:
         expected_yield = made / prompts
-        by_task: dict[str, Counter[str]] = {}
-        for shard in shards:
-            for task, stages in shard.get("yield_by_task", {}).items():
-                by_task.setdefault(task, Counter()).update(stages)
+        by_task = summed_by_task(shards, "yield_by_task")
         if weights and examples and sum(weights.values()) > 0:
             kept_share = made / examples  # what contamination removal and the balance leave
             per_type = {
@@ -758,14 +767,8 @@ def summarize(manifest: dict[str, Any], final: list[Example], resumed: int, cont
     drops: dict[str, Counter[str]] = {"instruction": Counter(), "response": Counter()}
     tokens = seconds = 0.0
     nodes: set[str] = set()
-    by_task: dict[str, Counter[str]] = {}
-    drops_by_task: dict[str, Counter[str]] = {}
     for shard in manifest["shards"]:
         counts.update(shard["counts"])
-        for task, stages in shard.get("yield_by_task", {}).items():
-            by_task.setdefault(task, Counter()).update(stages)
-        for task, reasons in shard.get("drops_by_task", {}).items():
-            drops_by_task.setdefault(task, Counter()).update(reasons)
         for stage in drops:
             drops[stage].update(shard["drops"][stage])
         tokens += shard["tokens"]
@@ -774,8 +777,10 @@ def summarize(manifest: dict[str, Any], final: list[Example], resumed: int, cont
     return {
         "counts": {**counts, "final_examples": len(final)},
         "drops": {k: dict(v) for k, v in drops.items()},
-        "yield_by_task": {task: dict(stages) for task, stages in by_task.items()},
-        "drops_by_task": {task: dict(reasons.most_common()) for task, reasons in sorted(drops_by_task.items())},
+        "yield_by_task": {task: dict(stages) for task, stages in summed_by_task(manifest["shards"], "yield_by_task").items()},
+        "drops_by_task": {
+            task: dict(reasons.most_common()) for task, reasons in sorted(summed_by_task(manifest["shards"], "drops_by_task").items())
+        },
         "rounds": len(manifest["shards"]),
         "rounds_resumed": resumed,
         "tokens": int(tokens),
