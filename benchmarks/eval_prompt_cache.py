@@ -54,7 +54,7 @@ def main() -> int:
     ways = {"reuse": "generation reuses the scored prefill", "rows": "contexts row by row, no reuse    ",
             "prefill": "as before (padded contexts)       "}
     totals = dict.fromkeys(ways, 0.0)
-    cached_rows = backend._cached_rows
+    cache = backend.prompt_cache
     for task in load_tasks(config.eval.tasks):
         requests = build_requests([task], {"base": None, "specialist": "specialist"}, config, [])
         if not any(r["mode"] == "loglik" for r in requests):
@@ -64,14 +64,17 @@ def main() -> int:
         answers: dict[str, list[str]] = {}
         for _ in range(args.repeats):
             for way in ways:
-                backend.prompt_cache.clear()
-                backend.prompt_cache.max_bytes = 0 if way == "prefill" else PROMPT_CACHE_BYTES
-                backend._cached_rows = (lambda *a: []) if way == "rows" else cached_rows
+                cache.clear()
+                cache.max_bytes = 0 if way == "prefill" else PROMPT_CACHE_BYTES
+                cache.__dict__.pop("longest_prefix", None)  # the class's lookup
+                if way == "rows":  # entries kept but never found: every context and prompt prefills whole
+                    cache.longest_prefix = lambda adapter, ids: (0, None)
                 started = time.perf_counter()
                 results = [result for call in calls for result in run_requests(backend, call)]
                 times[way].append(time.perf_counter() - started)
                 answers[way] = [r["output"] for r in results]
-        backend.prompt_cache.max_bytes, backend._cached_rows = PROMPT_CACHE_BYTES, cached_rows
+        cache.max_bytes = PROMPT_CACHE_BYTES
+        cache.__dict__.pop("longest_prefix", None)
         medians = {way: statistics.median(t) for way, t in times.items()}
         for way, median in medians.items():
             totals[way] += median

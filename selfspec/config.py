@@ -75,6 +75,11 @@ class GenerateConfig(StageConfig):
     domain: str | None = None  # the seed file's domain when unset
     target: int = Field(40, ge=1)
     num_demos: int = Field(3, ge=1)
+    # Consecutive prompts of one task type that share a draw of seed demos (and, for their
+    # instructions, the answers' demos), each over its own passage, as InstructLab samples
+    # several tasks from one prompt: the engines' prefix caches then prefill a shared header
+    # and demos once. 1 draws for every prompt (Self-Instruct).
+    prompts_per_demo_set: int = Field(1, ge=1)
     prompts_per_round: int | None = Field(None, ge=1)
     # Examples per prompt assumed before any round is done, sizing the first round; later
     # rounds use the yield measured so far. The embedded default made 0.35-0.41.

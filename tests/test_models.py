@@ -478,6 +478,7 @@ def test_long_prompts_prefill_row_by_row_with_the_outputs_of_the_padded_batch(tm
 
     def run(adapters, min_tokens):
         monkeypatch.setattr(hf_backend, "ROW_PREFILL_MIN_TOKENS", min_tokens)
+        backend.prompt_cache.clear()  # each way prefills every row whole
         return backend.generate(prompts, params, adapters)
 
     for adapters in (["bio", None, "bio", None], "bio"):
@@ -491,59 +492,122 @@ def test_long_prompts_prefill_row_by_row_with_the_outputs_of_the_padded_batch(tm
             assert [t.logprob for t in row[0].logprobs] == pytest.approx([t.logprob for t in reference[0].logprobs], abs=1e-4)
 
 
+def prefill_widths_of(backend) -> list[int]:
+    """The widths of the model's prefill forward passes (more than one new token), as they run."""
+    widths: list[int] = []
+    backend.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    return widths
+
+
 def test_generating_a_prompt_just_scored_reuses_its_prefill(tmp_path):
     """loglikelihood keeps each context's KV cache and last logits; generating from the same
     prompt under the same adapter takes them instead of prefilling again (an evaluation that
     scores a task both ways), with the greedy texts and logprobs of a fresh prefill (fp32).
-    Under another adapter the prompt prefills as before; loading an adapter empties the cache."""
+    Under another adapter only the prompt's own tokens past a prefix cached under that adapter
+    prefill; loading an adapter empties the cache."""
     from selfspec.config import ModelConfig
     from selfspec.models import load_backend
+    from selfspec.models.hf_backend import common_prefix_length
 
     backend = load_backend(ModelConfig(dtype="float32", backend="transformers", max_batch_size=8))
     backend.load_adapter("bio", str(write_random_lora_adapter(backend.model.config, tmp_path / "bio", seed=1)))
     prompts = [chat(q) for q in QUESTIONS[:3]]
     adapters = ["bio", None, "bio"]
     params = SamplingParams(max_new_tokens=10, logprobs=1)
-    prefill_widths: list[int] = []
-    backend.model.register_forward_pre_hook(
-        lambda module, args, kwargs: prefill_widths.append(kwargs["input_ids"].shape[1]) if kwargs["input_ids"].shape[1] > 1 else None,
-        with_kwargs=True,
-    )
+    prefill_widths = prefill_widths_of(backend)
     fresh = backend.generate(prompts, params, adapters)
-    assert prefill_widths and not backend.prompt_cache.entries  # generation alone keeps nothing
+    assert prefill_widths and not backend.prompt_cache.entries  # short prompts prefill as a padded batch
     backend.loglikelihood([(p, " Yes") for p in prompts], adapters=adapters)
     assert len(backend.prompt_cache.entries) == 3
     prefill_widths.clear()
     reused = backend.generate(prompts, params, adapters)
-    assert prefill_widths == [] and not backend.prompt_cache.entries  # each entry used once
+    assert prefill_widths == [] and len(backend.prompt_cache.entries) == 3  # entries stay for later prompts
     assert [c[0].text for c in reused] == [c[0].text for c in fresh]
     for row, reference in zip(reused, fresh):
         assert [t.logprob for t in row[0].logprobs] == pytest.approx([t.logprob for t in reference[0].logprobs], abs=1e-4)
-    backend.loglikelihood([(p, " Yes") for p in prompts], adapters="bio")
+
+    # Prompt 1 was cached under the base only: under "bio" it prefills past the chat header it
+    # shares with prompts 0 and 2 (cached under "bio"), and answers as a fresh prefill does.
+    ids = [tuple(backend.encode(p)) for p in prompts]
+    shared = max(common_prefix_length(ids[1], ids[0]), common_prefix_length(ids[1], ids[2]))
+    assert 0 < shared < len(ids[1])
     prefill_widths.clear()
-    backend.generate(prompts[1:2], params, adapters=[None])  # scored under "bio" only
-    assert len(prefill_widths) == 1 and len(backend.prompt_cache.entries) == 3
+    alone = backend.generate(prompts[1:2], params, adapters="bio")
+    assert prefill_widths == [len(ids[1]) - shared]
+    backend.prompt_cache.clear()
+    (want,) = backend.generate(prompts[1:2], params, adapters="bio")  # a fresh prefill
+    assert alone[0][0].text == want[0].text
+    assert [t.logprob for t in alone[0][0].logprobs] == pytest.approx([t.logprob for t in want[0].logprobs], abs=1e-4)
+    backend.loglikelihood([(p, " Yes") for p in prompts], adapters="bio")
     backend.load_adapter("fin", str(write_random_lora_adapter(backend.model.config, tmp_path / "fin", seed=2)))
     assert not backend.prompt_cache.entries
 
 
-def test_prompt_cache_evicts_the_oldest_past_its_budget():
+def test_rows_prefill_past_the_longest_prefix_cached_under_their_adapter(tmp_path):
+    """Long prompts that share a header (a generation stage's task list with seed demos)
+    prefill only their own tokens once a prompt with that header is cached, under its own
+    adapter only, with the greedy texts and logprobs of a backend that caches nothing (fp32);
+    the cache stays within its byte budget, least recently used out first."""
+    from selfspec.config import ModelConfig
+    from selfspec.models import hf_backend, load_backend
+    from selfspec.models.hf_backend import common_prefix_length
+
+    config = ModelConfig(dtype="float32", backend="transformers", max_batch_size=8)
+    backend, plain = load_backend(config), load_backend(config)
+    plain.prompt_cache.max_bytes = 0
+    for b in (backend, plain):
+        b.load_adapter("bio", str(write_random_lora_adapter(b.model.config, tmp_path / "bio", seed=1)))
+    header = "Below is a list of biomedical tasks.\n" + "".join(f"{i}. Instruction: {q}\n" for i, q in enumerate(QUESTIONS, 1)) * 12
+    tails = [f"{len(QUESTIONS) + 1}. Instruction: {t}" for t in ("Name a vitamin.", "Define an enzyme in one line.", "List two organs.")]
+    prompts = [header + t for t in tails]
+    ids = [backend.encode(p) for p in prompts]
+    assert len(ids[0]) >= hf_backend.ROW_PREFILL_MIN_TOKENS
+    shared = common_prefix_length(tuple(ids[0]), tuple(ids[1]))
+    assert shared > len(ids[0]) - 20 and {common_prefix_length(tuple(ids[2]), tuple(i)) for i in ids[:2]} == {shared}
+    params = SamplingParams(max_new_tokens=8, logprobs=1, stop=("\n",))
+    widths = prefill_widths_of(backend)
+    first = backend.generate(prompts[:1], params, adapters="bio")
+    assert widths == [len(ids[0])] and len(backend.prompt_cache.entries) == 1
+    widths.clear()
+    rest = backend.generate(prompts[1:], params, adapters="bio")
+    assert sorted(widths) == sorted(len(i) - shared for i in ids[1:])  # only the tails
+    widths.clear()
+    base = backend.generate(prompts[1:2], params)  # nothing cached under the base
+    assert widths == [len(ids[1])]
+    for got, want in zip(first + rest + base, plain.generate(prompts, params, "bio") + plain.generate(prompts[1:2], params)):
+        assert got[0].text == want[0].text
+        assert [t.logprob for t in got[0].logprobs] == pytest.approx([t.logprob for t in want[0].logprobs], abs=1e-4)
+    entry = backend.prompt_cache.size(next(iter(backend.prompt_cache.entries.values())))
+    backend.prompt_cache.clear()
+    backend.prompt_cache.max_bytes = 2 * entry + entry // 2
+    backend.generate(prompts, params, adapters="bio")
+    assert len(backend.prompt_cache.entries) == 2 and backend.prompt_cache.bytes <= backend.prompt_cache.max_bytes
+
+
+def test_prompt_cache_evicts_the_least_recently_used_past_its_budget():
     import torch
 
-    from selfspec.models.hf_backend import PromptCache
+    from selfspec.models.hf_backend import PromptCache, common_prefix_length
 
     def entry() -> tuple[list, torch.Tensor]:
         return [(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8))], torch.zeros(1, 1, 16)  # 320 bytes
 
     cache = PromptCache(max_bytes=700)
     for n in range(3):
-        cache.put((None, (n,)), *entry())
-    assert list(cache.entries) == [(None, (1,)), (None, (2,))] and cache.bytes == 640
-    assert cache.take((None, (1,))) is not None and cache.take((None, (1,))) is None and cache.bytes == 320
+        cache.put((None, (n, 7)), *entry())
+    assert list(cache.entries) == [(None, (1, 7)), (None, (2, 7))] and cache.bytes == 640
+    assert cache.longest_prefix(None, (1, 7, 9)) == (2, (None, (1, 7))) and cache.longest_prefix("bio", (1, 7)) == (0, None)
+    cache.use((None, (1, 7)))
+    cache.put((None, (3,)), *entry())  # evicts (2, 7), used less recently than (1, 7)
+    assert list(cache.entries) == [(None, (1, 7)), (None, (3,))] and cache.bytes == 640
     PromptCache(max_bytes=0).put((None, (0,)), *entry())  # a zero budget keeps nothing
     small = PromptCache(max_bytes=100)
     small.put(("bio", (0,)), *entry())
     assert not small.entries and small.bytes == 0
+    assert [common_prefix_length(a, b) for a, b in [((), (1,)), ((1, 2, 3), (1, 2, 4)), ((5,), (5, 6)), ((1, 2), (2, 1))]] == [0, 2, 1, 0]
 
 
 def test_prompts_start_with_bos_where_the_tokenizer_puts_one(fp32_backend):

@@ -167,6 +167,31 @@ def test_prompts_draw_demos_of_one_task_type():
     assert {r["task"] for r in mixed} == {""}
 
 
+def test_consecutive_prompts_of_a_type_share_a_draw_of_demos_and_so_do_their_answers():
+    """prompts_per_demo_set: a type's prompts share demos in runs of that many (the engines'
+    prefix caches prefill them once); 1 draws for every prompt, as before. Instructions from
+    prompts that shared demos get the same answer demos, and other rows their own draw."""
+    from selfspec.stages.generate_responses import response_rows
+
+    single = make_prompt_rows(SEEDS, "biomedical", "Biomedicine.", 24, 2, seed=0, round=1)
+    assert single == make_prompt_rows(SEEDS, "biomedical", "Biomedicine.", 24, 2, seed=0, round=1, per_demo_set=1)
+    rows = make_prompt_rows(SEEDS, "biomedical", "Biomedicine.", 24, 2, seed=0, round=1, per_demo_set=3)
+    assert [r["task"] for r in rows] == [r["task"] for r in single]
+    for task in ("yes_no_qa", "open_qa"):
+        draws = [tuple(r["seed_ids"]) for r in rows if r["task"] == task]
+        runs = [draws[i : i + 3] for i in range(0, len(draws), 3)]
+        assert all(len(set(run)) == 1 for run in runs) and len({run[0] for run in runs}) > 1
+        first = next(r for r in rows if r["task"] == task)
+        assert first["prompt"] == next(r for r in single if r["task"] == task)["prompt"]  # a run's draw is its first prompt's
+    kept = [{**r, "id": f"i{n}", "instruction": f"Answer question {n}.", "input": ""} for n, r in enumerate(rows)]
+    same_draw = [r for r in kept if r["task"] == kept[0]["task"]][:3]  # one run of prompts
+    demos_of = lambda row: [m["content"] for m in row["messages"][:-1]]  # noqa: E731
+    shared = response_rows(same_draw, SEEDS, 2, by_instruction_demos=True)
+    assert len(shared) == 3 and all(demos_of(r) == demos_of(shared[0]) for r in shared)
+    own = [demos_of(r) for r in response_rows(kept, SEEDS, 2)]
+    assert len({tuple(d) for d in own}) > len({tuple(r["seed_ids"]) for r in kept})  # per row: more draws than prompt draws
+
+
 def test_grounded_prompt_ends_with_the_given_passage_and_parses_one_line():
     prompt = build_prompt("biomedical", "Biomedicine.", SEEDS[:2], new_input="Aspirin inhibits COX-1.")
     assert prompt.endswith("3. Input: Aspirin inhibits COX-1.\nInstruction:")

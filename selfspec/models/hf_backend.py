@@ -18,8 +18,10 @@ so it prefills each row whole (no shared prefix) in batches bounded by `PROMPT_L
 Long prompts prefill one row at a time (`ROW_PREFILL_MIN_TOKENS`): a row alone needs no padding
 mask, so attention takes SDPA's causal path, which skips the masked half that a padded batch's
 explicit mask makes it compute (`benchmarks/prefill_rows.py`); its cache joins the batch's.
-Log-likelihood prefills its contexts the same way and keeps their caches (`PromptCache`), so
-generating from a prompt just scored (an evaluation's two scorings) skips its prefill.
+Rows prefilled alone (and log-likelihood's contexts, prefilled the same way) keep their KV
+caches in `PromptCache`, and a later row under the same adapter prefills only past the longest
+prefix an entry shares with it: the header and seed demos of generation prompts, a prompt just
+scored (an evaluation's two scorings) whole, as vLLM's automatic prefix caching does.
 """
 
 from __future__ import annotations
@@ -281,6 +283,10 @@ ROW_PREFILL_MIN_TOKENS = 512
 # KV caches of scored prompts kept for their generation (`PromptCache`): a 400-token prompt
 # of SmolLM2-135M takes about 9 MB in bf16.
 PROMPT_CACHE_BYTES = 512 << 20
+# Batches with prompts this long prefill row by row into the cache (row prefill costs what a
+# padded batch does from about 350 tokens, benchmarks/prefill_rows.py); shorter ones only
+# when the cache already holds most of their tokens.
+PROMPT_CACHE_MIN_TOKENS = 256
 
 # One position's (token id, logprob, top-k ids, top-k logprobs); TokenLogprob once texts are decoded.
 RawLogprob = tuple[int, float | None, list[int], list[float]]
@@ -301,12 +307,25 @@ PromptKey = tuple[str | None, tuple[int, ...]]
 PrefilledPrompt = tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 
 
+def common_prefix_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many leading tokens `a` and `b` share (binary search over C-speed tuple compares)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 class PromptCache:
-    """Prompts that `loglikelihood` prefilled (each alone, under one adapter): their per-layer
-    KV cache and last logits, oldest evicted past `max_bytes`. A later generation of the same
-    prompt under the same adapter takes its entry instead of prefilling it again, as an
-    evaluation that scores a task both ways asks for (vLLM's prefix caching does the same
-    for whole prompts)."""
+    """Prompts prefilled row by row (each alone, under one adapter): their per-layer KV cache
+    and last logits, least recently used evicted past `max_bytes`. A later prompt under the
+    same adapter starts from the entry that shares its longest prefix and prefills only the
+    rest: a prompt header and seed demos that many rows share, or a whole prompt just scored
+    (an evaluation that scores a task both ways), as vLLM's automatic prefix caching does
+    (by whole prompts here, not by blocks)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
@@ -328,12 +347,19 @@ class PromptCache:
         while self.bytes > self.max_bytes:
             self.bytes -= self.size(self.entries.popitem(last=False)[1])
 
-    def take(self, key: PromptKey) -> PrefilledPrompt | None:
-        """The entry of `key`, removed (its one expected use), or None."""
-        entry = self.entries.pop(key, None)
-        if entry is not None:
-            self.bytes -= self.size(entry)
-        return entry
+    def longest_prefix(self, adapter: str | None, ids: tuple[int, ...]) -> tuple[int, PromptKey | None]:
+        """(tokens shared, key) of the entry under `adapter` sharing the most leading tokens
+        with `ids`; (0, None) when none shares any."""
+        best, best_key = 0, None
+        for key in self.entries:
+            if key[0] == adapter and (shared := common_prefix_length(key[1], ids)) > best:
+                best, best_key = shared, key
+        return best, best_key
+
+    def use(self, key: PromptKey) -> PrefilledPrompt:
+        """The entry of `key`, now the most recently used."""
+        self.entries.move_to_end(key)
+        return self.entries[key]
 
     def clear(self) -> None:
         self.entries.clear()
@@ -707,9 +733,9 @@ class TransformersBackend(ModelBackend):
                 repeats = torch.tensor([unique[key] for key in keys], device=inputs.device)
                 inputs, mask = inputs[live], mask[live]
         first_logits = None
-        cached = [] if scored or adapters is None else self._cached_rows(inputs, mask, [adapters[r] for r in live])
-        if any(cached) or self._prefills_by_row(inputs, mask, cache, scored):
-            first_logits = self._prefill_rows(inputs, mask, cache, names, live, cached)
+        cached_as = None if scored or adapters is None or not self._caches_prompts(cache) else [adapters[r] for r in live]
+        if self._prefills_by_row(inputs, mask, cache, scored, cached_as):
+            first_logits = self._prefill_rows(inputs, mask, cache, names, live, cached_as)
         # The shared prefix is prefilled without logits, so prompt logprobs prefill every token per row.
         elif len(inputs) > 1 and one_model and not scored and prefix_fits(cache, inputs.shape[1] + params.max_new_tokens):
             inputs, mask = self._prefill_shared_prefix(inputs, mask, cache, names)
@@ -761,27 +787,37 @@ class TransformersBackend(ModelBackend):
                 del positions_of_row[len(row) :]
         return decoded
 
-    def _prefills_by_row(self, inputs: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, scored: bool) -> bool:
-        """Whether to prefill row by row: a padded batch of long prompts, no prompt logprobs
-        (their prefill keeps every position's logits), and a cache of plain full-attention
-        layers (a sliding window counts padded slots)."""
+    def _prefills_by_row(
+        self, inputs: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, scored: bool, cached_as: list[str | None] | None
+    ) -> bool:
+        """Whether to prefill row by row: no prompt logprobs (their prefill keeps every
+        position's logits), a cache of plain full-attention layers (a sliding window counts
+        padded slots), and long prompts of different lengths (they would pad in a batch), or,
+        with `cached_as` (the adapter per row, when rows may use `prompt_cache`), prompts of
+        PROMPT_CACHE_MIN_TOKENS or more (kept there) or mostly cached there already."""
+        if scored or not full_attention(cache):
+            return False
         lengths = mask.sum(dim=1)
-        return (
-            not scored
-            and len(inputs) > 1
-            and int(lengths.max()) >= ROW_PREFILL_MIN_TOKENS
-            and bool((lengths != lengths[0]).any())
-            and full_attention(cache)
-        )
+        longest = int(lengths.max())
+        if longest >= ROW_PREFILL_MIN_TOKENS and len(inputs) > 1 and bool((lengths != lengths[0]).any()):
+            return True
+        return cached_as is not None and (longest >= PROMPT_CACHE_MIN_TOKENS or self._mostly_cached(inputs, mask, cached_as))
 
-    def _cached_rows(self, inputs: torch.Tensor, mask: torch.Tensor, adapters: list[str | None]) -> list[PrefilledPrompt | None]:
-        """Per row of a left-padded batch, its `prompt_cache` entry (taken) or None. Only a
-        model of full-attention layers has entries (`_score_rows` keeps them)."""
+    def _caches_prompts(self, cache: DynamicCache) -> bool:
+        """Whether row prefills go through `prompt_cache`: a budget, and only full-attention
+        layers (a sliding-window cache does not hold a prompt's every token)."""
+        return self.prompt_cache.max_bytes > 0 and full_attention(cache)
+
+    def _mostly_cached(self, inputs: torch.Tensor, mask: torch.Tensor, adapters: list[str | None]) -> bool:
+        """Whether `prompt_cache` holds at least half of a left-padded batch's prompt tokens
+        (then rows prefill one by one, each only past its cached prefix)."""
         if not self.prompt_cache.entries:
-            return []
+            return False
+        lengths = mask.sum(dim=1).tolist()
         width = inputs.shape[1]
-        keys = [(a, tuple(inputs[r, width - int(n) :].tolist())) for r, (a, n) in enumerate(zip(adapters, mask.sum(dim=1)))]
-        return [self.prompt_cache.take(k) for k in keys]
+        rows = [tuple(inputs[r, width - n :].tolist()) for r, n in enumerate(lengths)]
+        cached = sum(self.prompt_cache.longest_prefix(a, ids)[0] for a, ids in zip(adapters, rows))
+        return 2 * cached >= sum(lengths)
 
     def _prefill_rows(
         self,
@@ -790,28 +826,37 @@ class TransformersBackend(ModelBackend):
         cache: DynamicCache,
         names: list[str | None] | None,
         live: list[int],
-        cached: list[PrefilledPrompt | None] | None = None,
-        keep: list[str | None] | None = None,
+        adapters: list[str | None] | None = None,
     ) -> torch.Tensor:
         """Prefill each row of a left-padded batch alone, without padding (so without a mask:
         SDPA's causal path), then put the rows' KV caches into `cache`, left-padded with
-        zeros that the batch's mask hides. A row with a `cached` entry (`PromptCache`) is
-        not prefilled; with `keep` (the adapter per row), each row's cache goes into
-        `prompt_cache`. -> each row's last logits, (rows, 1, vocabulary)."""
+        zeros that the batch's mask hides. With `adapters` (the adapter per row), each row
+        starts from the `prompt_cache` entry sharing its longest prefix under its adapter
+        (a whole prompt: no prefill) and is kept there in turn. -> each row's last logits,
+        (rows, 1, vocabulary)."""
         width = inputs.shape[1]
         lengths = mask.sum(dim=1).tolist()
         logits, row_layers = [], []
         for r, length in enumerate(lengths):
-            if cached and cached[r] is not None:
-                layers, last = cached[r]
+            row_ids = inputs[r, width - length :]
+            key = None if adapters is None else (adapters[r], tuple(row_ids.tolist()))
+            start, entry = 0, None
+            if key is not None:
+                start, cached_key = self.prompt_cache.longest_prefix(*key)
+                entry = None if cached_key is None else self.prompt_cache.use(cached_key)
+            if entry is not None and start == length:
+                layers, last = entry
                 logits.append(last)
                 row_layers.append(layers)
                 continue
+            start = min(start, length - 1)  # the last token's logits pick the first new token
             row_cache = decode_cache(self.model.config)
-            row_ids = inputs[r : r + 1, width - length :]
+            if start:
+                for layer, (k, v) in zip(row_cache.layers, entry[0]):
+                    layer.update(k[:, :, :start], v[:, :, :start])
             out = self.model(
-                input_ids=row_ids,
-                position_ids=torch.arange(length, device=inputs.device)[None],
+                input_ids=row_ids[None, start:],
+                position_ids=torch.arange(start, length, device=inputs.device)[None],
                 past_key_values=row_cache,
                 use_cache=True,
                 logits_to_keep=1,
@@ -820,8 +865,8 @@ class TransformersBackend(ModelBackend):
             layers = [(layer.keys, layer.values) for layer in row_cache.layers]
             logits.append(out.logits)
             row_layers.append(layers)
-            if keep is not None:
-                self.prompt_cache.put((keep[r], tuple(row_ids[0].tolist())), layers, out.logits)
+            if key is not None:
+                self.prompt_cache.put(key, layers, out.logits)
         for index, layer in enumerate(cache.layers):
             parts = [row[index] for row in row_layers]
             keys, values = (
@@ -929,8 +974,8 @@ class TransformersBackend(ModelBackend):
         batch = self._pad(contexts)
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         cache = DynamicCache(config=self.model.config)
-        if adapters is not None and self.prompt_cache.max_bytes > 0 and full_attention(cache):
-            last = self._prefill_rows(input_ids, mask, cache, names, list(range(len(contexts))), keep=adapters)
+        if adapters is not None and self._caches_prompts(cache):
+            last = self._prefill_rows(input_ids, mask, cache, names, list(range(len(contexts))), adapters)
         else:
             last = self.model(
                 input_ids=input_ids,

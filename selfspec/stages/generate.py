@@ -458,7 +458,8 @@ def run_round(
     profiles = task_profiles(seeds.seeds)
     started = time.perf_counter()
     prompts = make_prompt_rows(
-        seeds.seeds, seeds.domain, seeds.description, num_prompts, gen.num_demos, gen.seed, round, gen.demos_by_task, task_weights
+        seeds.seeds, seeds.domain, seeds.description, num_prompts, gen.num_demos, gen.seed, round, gen.demos_by_task, task_weights,
+        gen.prompts_per_demo_set,
     )
     if retriever is not None:
         prompts = retriever.ground(prompts, seeds)
@@ -511,7 +512,7 @@ def run_round(
             drops.add("near_duplicate", item["row"]["task"])
     instruction_tokens = sum(r["completion_tokens"] for r in raw)
 
-    to_answer = response_rows(kept, seeds.seeds, gen.response_demos)
+    to_answer = response_rows(kept, seeds.seeds, gen.response_demos, by_instruction_demos=gen.prompts_per_demo_set > 1)
     fixed_labels = fixed_labels or {}
     fixed = [answered_with(r, fixed_labels[r["task"]]) for r in to_answer if r["task"] in fixed_labels]
     labelled = [r for r in to_answer if label_task(profiles, r["task"]) and r["task"] not in fixed_labels]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from typing import Any
 
 from selfspec.metrics import normalize_entity
@@ -76,21 +77,25 @@ def build_prompt(
 
 def make_prompt_rows(
     seeds: list[Seed], domain: str, description: str, count: int, num_demos: int, seed: int, round: int,
-    by_task: bool = True, task_weights: dict[str, float] | None = None,
+    by_task: bool = True, task_weights: dict[str, float] | None = None, per_demo_set: int = 1,
 ) -> list[dict[str, Any]]:
     """Deterministic prompts for one round: the same (seed, round) gives the same rows.
 
     `by_task`: each prompt's demos share one seed task type (`task` of the row), types
     drawn in proportion to the seeds' (or to `task_weights`); otherwise demos mix types
-    and `task` is ""."""
+    and `task` is "". `per_demo_set`: consecutive prompts of one type share a draw of demos."""
     from selfspec.quality import task_draws, task_profiles
 
     by_type = seeds_by_task(seeds)
     tasks = task_draws(task_profiles(seeds), count, random.Random(f"{seed}:{round}:tasks"), task_weights) if by_task else [""] * count
     rows = []
+    drawn: dict[str, list[Seed]] = {}  # task type -> the demos its current prompts share
+    made: Counter[str] = Counter()
     for index, task in enumerate(tasks):
-        rng = random.Random(f"{seed}:{round}:{index}")
-        demos = sample_demos(by_type[task] if task else seeds, num_demos, rng)
+        if made[task] % per_demo_set == 0:
+            drawn[task] = sample_demos(by_type[task] if task else seeds, num_demos, random.Random(f"{seed}:{round}:{index}"))
+        made[task] += 1
+        demos = drawn[task]
         rows.append(
             {
                 "prompt_id": f"r{round}-p{index}",

@@ -149,15 +149,24 @@ def clean_response(text: str) -> str:
     return text.strip()
 
 
-def response_rows(instructions: list[dict[str, Any]], seeds: list[Seed], k: int) -> list[dict[str, Any]]:
+def response_rows(
+    instructions: list[dict[str, Any]], seeds: list[Seed], k: int, by_instruction_demos: bool = False
+) -> list[dict[str, Any]]:
     """Attach the response prompt (messages) to each instruction row; demos come from the
-    seeds of the row's task type when it has one, so answers take the seeds' form."""
+    seeds of the row's task type when it has one, so answers take the seeds' form. They are
+    drawn per row, or with `by_instruction_demos` per draw of the instruction prompt's demos
+    (rows whose prompts shared demos share these too, and so a prompt prefix)."""
     by_type = seeds_by_task(seeds)
+
+    def key(row: dict[str, Any]) -> str:
+        shared = by_instruction_demos and row.get("seed_ids")
+        return f"{row.get('task', '')}:{','.join(row['seed_ids'])}" if shared else row["id"]
+
     return [
         {
             **row,
             "messages": build_response_messages(
-                row["instruction"], row["input"], response_demos(by_type.get(row.get("task", ""), seeds), k, row["id"])
+                row["instruction"], row["input"], response_demos(by_type.get(row.get("task", ""), seeds), k, key(row))
             ),
         }
         for row in instructions
