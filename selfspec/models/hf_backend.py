@@ -280,8 +280,8 @@ PROMPT_LOGITS_BUDGET = 1 << 26
 # Prompts at least this long prefill row by row (causal attention, no padding mask); at
 # this length a row alone fills the matmuls, and attention is a large share of the prefill.
 ROW_PREFILL_MIN_TOKENS = 512
-# KV caches of scored prompts kept for their generation (`PromptCache`): a 400-token prompt
-# of SmolLM2-135M takes about 9 MB in bf16.
+# Prompts' KV caches kept for later rows that share a prefix with them (`PromptCache`): a
+# 400-token prompt of SmolLM2-135M takes about 9 MB in bf16.
 PROMPT_CACHE_BYTES = 512 << 20
 # Batches with prompts this long prefill row by row into the cache (row prefill costs what a
 # padded batch does from about 350 tokens, benchmarks/prefill_rows.py); shorter ones only
