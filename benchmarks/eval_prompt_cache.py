@@ -12,7 +12,10 @@ contexts prefill as one padded batch), the contexts row by row without reuse, an
 reuse. It prints seconds per task, the ratios, whether the answers agree with the first
 way's, and the machine's CPU flags.
 
-    python benchmarks/eval_prompt_cache.py [--config biomedical-1k] [--rows 16] [--repeats 2]
+    python benchmarks/eval_prompt_cache.py [--config biomedical-1k] [--rows 16] [--repeats 2] [--shots 0] [key=value ...]
+
+For Gemma 3 270M (sliding-window layers, whose prompts the cache keeps since its decode cache
+holds every token): `model.ref=embedded:gemma3-270m model.prompt_format=plain`.
 
 Task paths in the config are under the shared data (SELFSPEC_SHARED_DATA, else ../shared/data).
 """
@@ -36,27 +39,33 @@ def main() -> int:
     parser.add_argument("--config", default="biomedical-1k")
     parser.add_argument("--rows", type=int, default=16, help="test rows per task")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--shots", type=int, default=0, help="demos per prompt (from the seeds or a dev split)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
 
     from selfspec.config import load_config
     from selfspec.models import load_backend
     from selfspec.models.hf_backend import PROMPT_CACHE_BYTES
-    from selfspec.stages.evaluate import build_requests, run_requests
+    from selfspec.stages.evaluate import build_requests, load_demo_seeds, run_requests
     from selfspec.tasks import load_tasks
     from selfspec.testing import write_random_lora_adapter
 
-    config = load_config(args.config, ["eval.scoring=both", "eval.shots=[0]", f"eval.max_examples={args.rows}"])
+    config = load_config(
+        args.config, [*args.overrides, "eval.scoring=both", f"eval.shots=[{args.shots}]", f"eval.max_examples={args.rows}"]
+    )
     print(f"machine: {cpu_facts()}")
     backend = load_backend(config.model.model_copy(update={"backend": "transformers"}))
     adapter_dir = write_random_lora_adapter(backend.model.config, Path(tempfile.mkdtemp()) / "specialist", seed=1)
     backend.load_adapter("specialist", str(adapter_dir))
-    print(f"model: {backend.model_ref}, {backend.model.dtype}; eval.batch_size {config.eval.batch_size} requests per call")
+    print(f"model: {backend.model_ref}, {backend.model.dtype}; eval.batch_size {config.eval.batch_size} requests per call; {args.shots}-shot")
     ways = {"reuse": "generation reuses the scored prefill", "rows": "contexts row by row, no reuse    ",
             "prefill": "as before (padded contexts)       "}
     totals = dict.fromkeys(ways, 0.0)
     cache = backend.prompt_cache
-    for task in load_tasks(config.eval.tasks):
-        requests = build_requests([task], {"base": None, "specialist": "specialist"}, config, [])
+    tasks = load_tasks(config.eval.tasks)
+    seed_sets = load_demo_seeds(config, {t.domain for t in tasks}) if args.shots else []
+    for task in tasks:
+        requests = build_requests([task], {"base": None, "specialist": "specialist"}, config, seed_sets)
         if not any(r["mode"] == "loglik" for r in requests):
             continue  # a free-form task is asked once: nothing to reuse
         calls = [requests[i : i + config.eval.batch_size] for i in range(0, len(requests), config.eval.batch_size)]

@@ -88,44 +88,85 @@ def test_greedy_equals_model_generate(fp32_backend):
     assert len(set(lengths)) > 2 and max(lengths) == 32  # rows ended at different steps
 
 
-@pytest.mark.parametrize("window", [6, 64])
-def test_sliding_window_layers_decode_like_generate(fp32_backend, window):
-    """A Gemma 3 layout (sliding and full layers, random weights, no download): the tailed
-    cache replaces only the full-attention layers and greedy outputs stay generate's, with
-    the shared prefix cached once where the window holds the whole sequence (64) and not
-    where padding after it would push real tokens out of the window (6)."""
+def tiny_gemma3(tokenizer, window: int):
+    """A Gemma 3 layout (sliding and full layers, random weights, no download) on our engine."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from selfspec.models.hf_backend import (
-        DECODE_ATTENTION,
-        TailedLayer,
-        TransformersBackend,
-        decode_cache,
-        prefix_fits,
-        shared_prefix_length,
-    )
+    from selfspec.models.hf_backend import DECODE_ATTENTION, TransformersBackend
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(
-        vocab_size=len(fp32_backend.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
         layer_types=["sliding_attention", "full_attention"] * 2,
     )
     model = Gemma3ForCausalLM(config).eval()
     model.set_attn_implementation(DECODE_ATTENTION)
-    tiny = TransformersBackend(model_ref="tiny-gemma3", chat=False, model=model, tokenizer=fp32_backend.tokenizer)
-    kinds = [type(layer) for layer in decode_cache(config).layers]
-    assert kinds.count(TailedLayer) == 2 and len(kinds) == 4
+    return TransformersBackend(model_ref="tiny-gemma3", chat=False, model=model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("window", [6, 64])
+def test_sliding_window_layers_decode_like_generate(fp32_backend, window):
+    """On a Gemma 3 layout every layer of the decode cache holds all its tokens (the mask
+    applies the window) and greedy outputs stay generate's (with transformers' own sliding
+    cache), with the shared prefix cached once where the window holds the whole sequence (64)
+    and not where padding after it would push real tokens out of the window (6)."""
+    from selfspec.models.hf_backend import TailedLayer, decode_cache, prefix_fits, shared_prefix_length, sliding_window
+
+    tiny = tiny_gemma3(fp32_backend.tokenizer, window)
+    config = tiny.model.config
+    assert [type(layer) for layer in decode_cache(config).layers] == [TailedLayer] * 4
+    assert sliding_window(config) == window
     # A shared preamble longer than the window: prefilled once, its cache repeated to every row.
     preamble = "Complete the sentence about medicine or finance in plain words: "
     prompts = [preamble + p for p in ("The heart pumps blood through", "Inflation is", "A bond is a loan to")]
     batch = tiny._encode(prompts)
     assert shared_prefix_length(batch["input_ids"], batch["attention_mask"]) > 6
-    assert prefix_fits(decode_cache(config), batch["input_ids"].shape[1] + 20) == (window == 64)
+    assert prefix_fits(config, batch["input_ids"].shape[1] + 20) == (window == 64)
     texts, lengths = generate_greedy(tiny, prompts, 20)
     ours = tiny.generate(prompts, SamplingParams(max_new_tokens=20))
     assert [c[0].text for c in ours] == texts and [c[0].completion_tokens for c in ours] == lengths
+
+
+def test_sliding_window_prompts_reuse_the_prompt_cache_with_generates_outputs(fp32_backend, monkeypatch):
+    """Prompts far longer than a sliding window (Gemma 3's layout) are kept in `prompt_cache`:
+    later prompts prefill only past the header they share, scoring reuses a context just
+    generated from, and greedy texts equal generate's while log-likelihoods equal a whole
+    forward pass of each sequence under transformers' SDPA (fp32)."""
+    import torch
+
+    from selfspec.models import hf_backend
+    from selfspec.models.hf_backend import attention_implementation, common_prefix_length
+
+    monkeypatch.setattr(hf_backend, "PROMPT_CACHE_MIN_TOKENS", 16)
+    tiny = tiny_gemma3(fp32_backend.tokenizer, 6)
+    header = "Below is a list of tasks.\n" + "".join(f"{i}. {q}\n" for i, q in enumerate(QUESTIONS, 1))
+    prompts = [header + t for t in ("9. Name a vitamin.", "9. Define an enzyme.", "9. List two organs.")]
+    ids = [tuple(tiny.encode(p)) for p in prompts]
+    shared = common_prefix_length(ids[0], ids[1])
+    assert shared > 10 * 6 and common_prefix_length(ids[0], ids[2]) == shared
+    texts, lengths = generate_greedy(tiny, prompts, 12)
+    widths = prefill_widths_of(tiny)
+    first = tiny.generate(prompts[:1], SamplingParams(max_new_tokens=12))
+    assert widths == [len(ids[0])] and len(tiny.prompt_cache.entries) == 1
+    widths.clear()
+    rest = tiny.generate(prompts[1:], SamplingParams(max_new_tokens=12))
+    assert sorted(widths) == sorted(len(i) - shared for i in ids[1:])  # only the tails
+    assert [c[0].text for c in first + rest] == texts and [c[0].completion_tokens for c in first + rest] == lengths
+
+    widths.clear()
+    requests = [(p, c) for p in prompts for c in (" Yes", " No, not at all")]
+    scores = tiny.loglikelihood(requests)
+    longest = max(len(tiny.split_request(p, c)[1]) for p, c in requests)
+    assert widths == [longest - 1]  # contexts from the cache; one pass over the continuations' later tokens
+    with attention_implementation(tiny.model, "sdpa"), torch.inference_mode():
+        for (context, continuation), score in zip(requests, scores):
+            context_ids, continuation_ids = tiny.split_request(context, continuation)
+            whole = torch.tensor([context_ids + continuation_ids])
+            logprobs = torch.log_softmax(tiny.model(input_ids=whole).logits[0, :-1].float(), dim=-1)
+            picked = logprobs[len(context_ids) - 1 :].gather(1, whole[0, len(context_ids) :, None])
+            assert score == pytest.approx(float(picked.sum()), abs=1e-4)
 
 
 def test_shared_prefix_length_counts_real_tokens_and_leaves_each_row_one():

@@ -209,28 +209,34 @@ def attention_implementation(model: Any, name: str) -> Iterator[None]:
 
 
 def decode_cache(config: Any) -> DynamicCache:
-    """The model's DynamicCache; under `decode_attention`, its plain full-attention layers are
-    `TailedLayer`s (sliding-window and other layer kinds keep transformers' own)."""
+    """The model's DynamicCache with every attention layer holding all of its tokens, the
+    sliding-window ones too (the model builds their masks from its config, so the window
+    still applies): a prompt's cache can then be kept and reused (`PromptCache`) on Gemma 3
+    as on full-attention models, for the KV memory of full attention. Under
+    `decode_attention` these layers are `TailedLayer`s; other layer kinds keep transformers' own."""
     cache = DynamicCache(config=config)
-    if config._attn_implementation == DECODE_ATTENTION:
-        cache.layers = [TailedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    whole = TailedLayer if config._attn_implementation == DECODE_ATTENTION else DynamicLayer
+    cache.layers = [whole() if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer for layer in cache.layers]
     return cache
 
 
 def full_attention(cache: DynamicCache) -> bool:
-    """Whether every layer of `cache` is plain full attention (no sliding window or other kind)."""
+    """Whether every layer of `cache` holds all of its tokens (no other layer kind)."""
     return all(type(layer) in (DynamicLayer, TailedLayer) for layer in cache.layers)
 
 
-def prefix_fits(cache: DynamicCache, length: int) -> bool:
+def sliding_window(config: Any) -> int | None:
+    """The smallest sliding window among the model's layers; None when it has none."""
+    layers = DynamicCache(config=config).layers
+    return min((layer.sliding_window for layer in layers if type(layer) is DynamicSlidingWindowLayer), default=None)
+
+
+def prefix_fits(config: Any, length: int) -> bool:
     """Whether a shared prefix may be cached once and followed by each row's padding: always
-    under full attention; under a sliding window (which counts cache slots, padding
-    included) only when all `length` slots fit in the window."""
-    return all(
-        type(layer) in (DynamicLayer, TailedLayer)
-        or (type(layer) is DynamicSlidingWindowLayer and length < layer.sliding_window)
-        for layer in cache.layers
-    )
+    under full attention; under a sliding window (which counts cache slots, so padding after
+    the prefix would push real tokens out) only when all `length` slots fit in the window."""
+    window = sliding_window(config)
+    return window is None or length < window
 
 
 def share_prefix(cache: DynamicCache, batch: int) -> None:
@@ -737,7 +743,7 @@ class TransformersBackend(ModelBackend):
         if self._prefills_by_row(inputs, mask, cache, scored, cached_as):
             first_logits = self._prefill_rows(inputs, mask, cache, names, live, cached_as)
         # The shared prefix is prefilled without logits, so prompt logprobs prefill every token per row.
-        elif len(inputs) > 1 and one_model and not scored and prefix_fits(cache, inputs.shape[1] + params.max_new_tokens):
+        elif len(inputs) > 1 and one_model and not scored and prefix_fits(self.model.config, inputs.shape[1] + params.max_new_tokens):
             inputs, mask = self._prefill_shared_prefix(inputs, mask, cache, names)
         # Left padding: positions count real tokens only.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
@@ -791,8 +797,7 @@ class TransformersBackend(ModelBackend):
         self, inputs: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, scored: bool, cached_as: list[str | None] | None
     ) -> bool:
         """Whether to prefill row by row: no prompt logprobs (their prefill keeps every
-        position's logits), a cache of plain full-attention layers (a sliding window counts
-        padded slots), and long prompts of different lengths (they would pad in a batch), or,
+        position's logits), a cache whose layers hold every token, and long prompts of different lengths (they would pad in a batch), or,
         with `cached_as` (the adapter per row, when rows may use `prompt_cache`), prompts of
         PROMPT_CACHE_MIN_TOKENS or more (kept there) or mostly cached there already."""
         if scored or not full_attention(cache):
@@ -804,8 +809,8 @@ class TransformersBackend(ModelBackend):
         return cached_as is not None and (longest >= PROMPT_CACHE_MIN_TOKENS or self._mostly_cached(inputs, mask, cached_as))
 
     def _caches_prompts(self, cache: DynamicCache) -> bool:
-        """Whether row prefills go through `prompt_cache`: a budget, and only full-attention
-        layers (a sliding-window cache does not hold a prompt's every token)."""
+        """Whether row prefills go through `prompt_cache`: a budget, and layers that hold
+        every token of a prompt (`decode_cache`)."""
         return self.prompt_cache.max_bytes > 0 and full_attention(cache)
 
     def _mostly_cached(self, inputs: torch.Tensor, mask: torch.Tensor, adapters: list[str | None]) -> bool:
@@ -969,11 +974,11 @@ class TransformersBackend(ModelBackend):
         adapters: list[str | None] | None = None,
     ) -> list[list[float]]:
         """`names`: the adapter per context for PEFT, None for a plain forward; `adapters`: the
-        adapter per context, given to keep each context's KV cache in `prompt_cache` (a
-        model of plain full-attention layers only), which prefills the contexts row by row."""
+        adapter per context, given to keep each context's KV cache in `prompt_cache`, which
+        prefills the contexts row by row."""
         batch = self._pad(contexts)
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
-        cache = DynamicCache(config=self.model.config)
+        cache = decode_cache(self.model.config)
         if adapters is not None and self._caches_prompts(cache):
             last = self._prefill_rows(input_ids, mask, cache, names, list(range(len(contexts))), adapters)
         else:
