@@ -797,9 +797,10 @@ class TransformersBackend(ModelBackend):
         self, inputs: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, scored: bool, cached_as: list[str | None] | None
     ) -> bool:
         """Whether to prefill row by row: no prompt logprobs (their prefill keeps every
-        position's logits), a cache whose layers hold every token, and long prompts of different lengths (they would pad in a batch), or,
-        with `cached_as` (the adapter per row, when rows may use `prompt_cache`), prompts of
-        PROMPT_CACHE_MIN_TOKENS or more (kept there) or mostly cached there already."""
+        position's logits), a cache whose layers hold every token, and long prompts of
+        different lengths (they would pad in a batch), or, with `cached_as` (the adapter per
+        row, when rows may use `prompt_cache`), prompts of PROMPT_CACHE_MIN_TOKENS or more
+        (kept there) or mostly cached there already."""
         if scored or not full_attention(cache):
             return False
         lengths = mask.sum(dim=1)
