@@ -88,6 +88,18 @@ def test_greedy_equals_model_generate(fp32_backend):
     assert len(set(lengths)) > 2 and max(lengths) == 32  # rows ended at different steps
 
 
+def whole_sequence_loglikelihood(backend, context, continuation: str) -> float:
+    """log P(continuation | context) from one forward pass over the whole sequence: the
+    reference for scoring that shares or caches a context's prefill."""
+    import torch
+
+    context_ids, continuation_ids = backend.split_request(context, continuation)
+    with torch.inference_mode():
+        ids = torch.tensor([context_ids + continuation_ids], device=backend.device)
+        logprobs = torch.log_softmax(backend.model(input_ids=ids).logits[0].float(), dim=-1)
+    return sum(float(logprobs[len(context_ids) - 1 + j, t]) for j, t in enumerate(continuation_ids))
+
+
 def tiny_gemma3(tokenizer, window: int):
     """A Gemma 3 layout (sliding and full layers, random weights, no download) on our engine."""
     import torch
@@ -134,8 +146,6 @@ def test_sliding_window_prompts_reuse_the_prompt_cache_with_generates_outputs(fp
     later prompts prefill only past the header they share, scoring reuses a context just
     generated from, and greedy texts equal generate's while log-likelihoods equal a whole
     forward pass of each sequence under transformers' SDPA (fp32)."""
-    import torch
-
     from selfspec.models import hf_backend
     from selfspec.models.hf_backend import attention_implementation, common_prefix_length
 
@@ -160,13 +170,9 @@ def test_sliding_window_prompts_reuse_the_prompt_cache_with_generates_outputs(fp
     scores = tiny.loglikelihood(requests)
     longest = max(len(tiny.split_request(p, c)[1]) for p, c in requests)
     assert widths == [longest - 1]  # contexts from the cache; one pass over the continuations' later tokens
-    with attention_implementation(tiny.model, "sdpa"), torch.inference_mode():
+    with attention_implementation(tiny.model, "sdpa"):
         for (context, continuation), score in zip(requests, scores):
-            context_ids, continuation_ids = tiny.split_request(context, continuation)
-            whole = torch.tensor([context_ids + continuation_ids])
-            logprobs = torch.log_softmax(tiny.model(input_ids=whole).logits[0, :-1].float(), dim=-1)
-            picked = logprobs[len(context_ids) - 1 :].gather(1, whole[0, len(context_ids) :, None])
-            assert score == pytest.approx(float(picked.sum()), abs=1e-4)
+            assert score == pytest.approx(whole_sequence_loglikelihood(tiny, context, continuation), abs=1e-4)
 
 
 def test_shared_prefix_length_counts_real_tokens_and_leaves_each_row_one():
@@ -282,20 +288,12 @@ def test_loglikelihood_prefers_the_right_continuation(fp32_backend):
 
 def test_shared_context_scoring_equals_scoring_each_whole_sequence(fp32_backend):
     """Labels of one question share the context's forward pass; the sums must not change."""
-    import torch
-
     contexts = [chat("Is aspirin an NSAID? Answer yes, no or maybe." + " Please." * i) for i in range(3)]
     contexts.append("The capital of France is")
     requests = [(c, label) for c in contexts for label in ("yes", "no", "maybe", " Paris, the city of light")]
     shared = fp32_backend.loglikelihood(requests)
     for (context, continuation), value in zip(requests, shared):
-        ctx_ids, cont_ids = fp32_backend.split_request(context, continuation)
-        with torch.inference_mode():
-            ids = torch.tensor([ctx_ids + cont_ids], device=fp32_backend.device)
-            logits = fp32_backend.model(input_ids=ids).logits[0].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        whole = sum(float(logprobs[len(ctx_ids) - 1 + j, t]) for j, t in enumerate(cont_ids))
-        assert value == pytest.approx(whole, abs=1e-3)
+        assert value == pytest.approx(whole_sequence_loglikelihood(fp32_backend, context, continuation), abs=1e-3)
 
 
 def test_one_adapter_batches_equal_peft_and_leave_the_base_exact(tmp_path):
